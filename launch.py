@@ -1,0 +1,86 @@
+"""fastinst command line.
+
+    python launch.py prepare fmnist --out data/fmnist
+    python launch.py prepare imagenet --src /path/to/imagenet --out data/imagenet-zip
+    python launch.py prepare photos --out data/photos --n 2000
+    python launch.py profile --config configs/profile_simclr.yaml --out runs/profile data.path=data/photos
+    torchrun --nproc_per_node=8 launch.py profile --config configs/profile_simclr.yaml --out runs/profile
+
+Settings after the options are dotted config overrides (``key.sub=value``). Under torchrun
+the process reads RANK, LOCAL_RANK, WORLD_SIZE and MASTER_ADDR from its environment only.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def _cmd_prepare(args) -> int:
+    from loaders import prepare
+
+    if args.what == "fmnist":
+        prepare.fmnist_to_zip(args.out, src=args.src or prepare.FMNIST_DIR, limit_train=args.limit,
+                              limit_val=args.limit_val)
+    elif args.what == "imagenet":
+        if not args.src:
+            raise SystemExit("prepare imagenet needs --src (a folder with train/<synset>/ and val/<synset>/)")
+        prepare.imagenet_to_zip(args.src, args.out)
+    elif args.what == "photos":
+        prepare.photo_crops(args.out, n=args.n, src=args.src or prepare.PHOTO_DIR, seed=args.seed, val=args.val,
+                            folder=args.folder)
+    return 0
+
+
+def _cmd_profile(args) -> int:
+    from fastinst.config import load_config
+    from loaders import RankInfo
+    from loaders.profile import run_profile
+
+    cfg = load_config(args.config, args.overrides)
+    ranks = RankInfo.from_env()
+    out = args.out if ranks.world == 1 else os.path.join(args.out, f"rank{ranks.rank}")
+    run_profile(cfg, out, ranks)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="launch.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    pp = sub.add_parser("prepare", help="build a dataset in the zip layout")
+    pp.add_argument("what", choices=["fmnist", "imagenet", "photos"])
+    pp.add_argument("--out", required=True, help="output directory (gets <split>.zip + <split>_map.txt)")
+    pp.add_argument("--src", default=None, help="input: IDX dir (fmnist), ImageNet tree, or photo dir")
+    pp.add_argument("--limit", type=int, default=0, help="fmnist: keep the first N train images (0 = all)")
+    pp.add_argument("--limit-val", type=int, default=0, help="fmnist: keep the first N val images (0 = all)")
+    pp.add_argument("--n", type=int, default=2000, help="photos: number of train images")
+    pp.add_argument("--val", type=int, default=0, help="photos: number of val images")
+    pp.add_argument("--seed", type=int, default=0)
+    pp.add_argument("--folder", action="store_true", help="photos: write the ImageNet folder layout instead")
+    pp.set_defaults(func=_cmd_prepare)
+
+    pr = sub.add_parser("profile", help="loader-only throughput, DALI vs torchvision side by side")
+    pr.add_argument("--config", required=True)
+    pr.add_argument("--out", required=True, help="run directory (gets profile.json and config.yaml)")
+    pr.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+    pr.set_defaults(func=_cmd_profile)
+
+    args = p.parse_args(argv)
+    from fastinst.config import ConfigError
+    from loaders.sources import DataError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""NVIDIA DALI backend: decode each image once, cut every view from it.
+
+The augmentation graphs are plain functions (``decode``, ``train_view``, ``eval_view``) that
+take DALI data nodes; the same functions build the GPU pipeline (``device='mixed'`` decoding,
+hardware JPEG decoder where present, all ops on the GPU) and the CPU-only one (every op on
+the CPU, ``device_id=None``). Samples enter through a parallel ``external_source`` whose
+callback reads the bytes chosen by our resumable sampler, so the order is ours, not DALI's.
+
+This is the only module that imports ``nvidia.dali``.
+"""
+from __future__ import annotations
+
+import re
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .base import LoaderBase, default_threads
+from .sources import DataError, Source, log
+
+try:  # DALI is optional at import time so the torch backend works without it
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    HAVE_DALI = True
+except ImportError:  # pragma: no cover - exercised only where DALI is missing
+    HAVE_DALI = False
+
+
+# --------------------------------------------------------------------------- graph functions
+
+
+def decode(jpegs, device: str, hw_decoder_load: float = 0.65):
+    """Decode once per image. ``device`` is 'mixed' (GPU, nvJPEG + HW decoder) or 'cpu'."""
+    if device == "mixed":
+        # Paddings avoid re-allocations as image sizes vary (values from DALI's RN50 example
+        # sizes: ~211 MB device, ~140 MB host); the hint sizes fit most ImageNet images.
+        return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load,
+                                 device_memory_padding=211025920, host_memory_padding=140544512,
+                                 preallocate_width_hint=5980, preallocate_height_hint=6430)
+    return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+
+
+def _uniform(lo: float, hi: float):
+    return fn.random.uniform(range=(float(lo), float(hi)))
+
+
+def _coin(p: float):
+    return fn.random.coin_flip(probability=float(p), dtype=types.BOOL)
+
+
+def color_twist(img, aug):
+    """ColorJitter applied with p = jitter_p, then grey with p = grey_p, as ONE fused op.
+
+    Brightness, contrast, saturation and hue are linear maps in DALI's color_twist, so the
+    Bernoulli gates become exponents on the factors (factor**0 = 1 = identity) and greying is
+    saturation 0. Unlike torchvision's ColorJitter the four are applied in a fixed order, and
+    contrast pivots on mid-grey rather than the image mean: a documented approximation.
+    """
+    b, c, s, h = aug.jitter
+    if aug.jitter_p == 0 and aug.grey_p == 0:
+        return img
+    on = fn.cast(_coin(aug.jitter_p), dtype=types.FLOAT) if aug.jitter_p < 1 else 1.0
+    keep_colour = 1.0 - fn.cast(_coin(aug.grey_p), dtype=types.FLOAT) if aug.grey_p > 0 else 1.0
+    kw = {}
+    if b > 0:
+        kw["brightness"] = 1.0 + on * (_uniform(max(0.0, 1 - b), 1 + b) - 1.0)
+    if c > 0:
+        kw["contrast"] = 1.0 + on * (_uniform(max(0.0, 1 - c), 1 + c) - 1.0)
+    sat = 1.0 + on * (_uniform(max(0.0, 1 - s), 1 + s) - 1.0) if s > 0 else 1.0
+    kw["saturation"] = sat * keep_colour
+    if h > 0:
+        kw["hue"] = on * _uniform(-h * 360.0, h * 360.0)  # DALI's hue is in degrees
+    return fn.color_twist(img, **kw)
+
+
+def train_view(images, crop, aug, *, out_dtype, layout: str):
+    """One training view: random-resized crop, jitter/grey, blur, solarize, flip, normalise."""
+    v = fn.random_resized_crop(images, size=(crop.size, crop.size), random_area=tuple(crop.scale),
+                               random_aspect_ratio=tuple(crop.ratio), antialias=False)
+    v = color_twist(v, aug)
+    if aug.blur_p > 0:
+        if _coin(aug.blur_p):  # DALI conditional: only the chosen samples are blurred
+            v = fn.gaussian_blur(v, sigma=_uniform(*aug.blur_sigma))
+    if aug.solarize_p > 0:
+        if _coin(aug.solarize_p):
+            # invert pixels >= 128 (BYOL / SimCLR-style solarisation): x + m*(255 - 2x)
+            x = fn.cast(v, dtype=types.INT16)
+            v = fn.cast(x + (x >= 128) * (255 - 2 * x), dtype=types.UINT8)
+    return _normalise(v, aug, out_dtype=out_dtype, layout=layout, 
+                      mirror=fn.random.coin_flip(probability=float(aug.flip_p), dtype=types.INT32)
+                      if aug.flip_p > 0 else 0)
+
+
+def eval_view(images, aug, *, out_dtype, layout: str):
+    """The seeds' eval transform: resize the shorter side, centre crop (NPID / PIC val)."""
+    v = fn.resize(images, resize_shorter=float(aug.eval_resize), antialias=True)
+    return _normalise(v, aug, out_dtype=out_dtype, layout=layout, mirror=0,
+                      crop=(aug.eval_crop, aug.eval_crop))
+
+
+def _normalise(v, aug, *, out_dtype, layout, mirror, crop=None):
+    kw = {"crop": crop} if crop else {}
+    return fn.crop_mirror_normalize(v, mirror=mirror, dtype=out_dtype, output_layout=layout,
+                                    mean=[m * 255.0 for m in aug.mean], std=[s * 255.0 for s in aug.std], **kw)
+
+
+# --------------------------------------------------------------------------- sample feed
+
+
+class BatchFeed:
+    """The external_source callback: batch ``info.iteration`` of epoch ``start_epoch + info.epoch_idx``.
+
+    Picklable (it runs in DALI's worker processes); the sampler is recomputed there, which is
+    cheap and exact because samplers are pure functions of (seed, epoch, rank, world).
+    Bad samples raise a DataError naming the file, or (on_error=skip) are left out of the batch:
+    the loader sees the shorter batch and records which index is missing.
+    """
+
+    def __init__(self, source: Source, sampler, batch_size: int, drop_last: bool, on_error: str,
+                 start_epoch: int, start_batch: int, blocklist=()):
+        self.source, self.sampler = source, sampler
+        self.batch_size, self.drop_last, self.on_error = batch_size, drop_last, on_error
+        self.start_epoch, self.start_batch = start_epoch, start_batch
+        self.blocklist = frozenset(int(i) for i in blocklist)
+        self._plan_epoch, self._plan = None, None
+
+    def plan(self, epoch: int):
+        from .samplers import batch_plan
+
+        if self._plan_epoch != epoch:
+            self._plan = batch_plan(self.sampler, epoch, self.batch_size, self.drop_last)
+            self._plan_epoch = epoch
+        return self._plan
+
+    def __call__(self, info):
+        epoch = self.start_epoch + info.epoch_idx
+        b = info.iteration + (self.start_batch if info.epoch_idx == 0 else 0)
+        plan = self.plan(epoch)
+        if b >= len(plan):
+            raise StopIteration
+        bufs, idx, lab = [], [], []
+        for i in plan[b].tolist():
+            if i in self.blocklist:
+                continue
+            try:
+                buf = self.source.read_checked(i)
+            except DataError:
+                if self.on_error == "raise":
+                    raise
+                continue
+            bufs.append(buf)
+            idx.append(np.array(i, dtype=np.int64))
+            lab.append(np.array(self.source.labels[i], dtype=np.int64))
+        if not bufs:
+            raise DataError(f"every sample of batch {b} (epoch {epoch}) was bad; first: "
+                            f"{self.source.describe(int(plan[b][0]))}")
+        return bufs, idx, lab
+
+
+# --------------------------------------------------------------------------- loader
+
+
+def _dali_error_message(e: Exception) -> Optional[str]:
+    """Recover a DataError raised inside a DALI worker (DALI re-raises a generic Exception)."""
+    m = re.search(r"DataError: (.+)", str(e))
+    return m.group(1).strip() if m else None
+
+
+class DaliLoader(LoaderBase):
+    backend = "dali"
+
+    def __init__(self, source: Source, sampler, *, aug, batch_size: int, mode: str = "train",
+                 device: str = "auto", device_id: Optional[int] = None, num_threads: int = 0,
+                 num_workers: int = 0, prefetch: int = 2, hw_decoder_load: float = 0.65,
+                 channels_last: bool = True, fp16: bool = False, drop_last: bool = True,
+                 on_error: str = "raise", seed: int = 0, rank: int = 0, local_world: int = 1):
+        if not HAVE_DALI:
+            raise RuntimeError("loader.backend=dali needs nvidia-dali (pip install nvidia-dali-cuda130); "
+                               "or use loader.backend=torch")
+        super().__init__(source, sampler, batch_size=batch_size, drop_last=drop_last, on_error=on_error,
+                         seed=seed, rank=rank)
+        if device == "auto":
+            device = "gpu" if torch.cuda.is_available() else "cpu"
+        if device == "gpu" and not torch.cuda.is_available():
+            raise RuntimeError("loader.device=gpu but CUDA is not available; use loader.device=cpu")
+        self.aug, self.mode, self.device = aug, mode, device
+        self.device_id = (device_id if device_id is not None else torch.cuda.current_device()) if device == "gpu" else None
+        self.num_threads = num_threads or default_threads(local_world)
+        self.num_workers = num_workers or (2 if device == "gpu" else 1)
+        self.prefetch, self.hw_decoder_load = prefetch, hw_decoder_load
+        self.channels_last, self.fp16 = channels_last, fp16
+        if mode not in ("train", "eval", "decode"):
+            raise ValueError(f"mode must be train, eval or decode, got {mode!r}")
+        self.num_views = aug.num_views if mode == "train" else 1
+        self._pipe = None
+        self._pipe_pos = None  # (epoch, batch) the built pipeline will produce next
+
+    # -- pipeline ------------------------------------------------------------------------
+    def _build(self):
+        feed = BatchFeed(self.source, self.sampler, self.batch_size, self.drop_last, self.on_error,
+                         self.epoch, self.next_batch, blocklist=self.skipped.keys())
+        aug, mode = self.aug, self.mode
+        decode_device = "mixed" if self.device == "gpu" else "cpu"
+        out_dtype = types.FLOAT16 if self.fp16 else types.FLOAT
+        layout = "HWC" if self.channels_last else "CHW"
+        hw_load = self.hw_decoder_load
+
+        @pipeline_def(enable_conditionals=True)
+        def pipe_fn():
+            jpegs, index, label = fn.external_source(source=feed, num_outputs=3, batch=True, batch_info=True,
+                                                     parallel=True, dtype=[types.UINT8, types.INT64, types.INT64])
+            images = decode(jpegs, decode_device, hw_load)
+            if mode == "train":
+                views = [train_view(images, crop, aug, out_dtype=out_dtype, layout=layout)
+                         for crop in aug.crops for _ in range(crop.count)]
+            elif mode == "decode":  # profiling: the decode stage alone (outputs stay in DALI)
+                views = [images]
+            else:
+                views = [eval_view(images, aug, out_dtype=out_dtype, layout=layout)]
+            return (*views, index, label)
+
+        # The augmentation RNG is seeded from (seed, rank, position): the sample order of a
+        # resumed run is exact, its augmentation draws are fresh ones.
+        pipe_seed = (self.seed * 1000003 + self.rank * 7919 + self.epoch * 104729 + self.next_batch) % (2 ** 31)
+        pipe = pipe_fn(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
+                       prefetch_queue_depth=self.prefetch, py_num_workers=self.num_workers,
+                       py_start_method="spawn", seed=pipe_seed, exec_dynamic=True)
+        pipe.build()
+        self._pipe, self._pipe_pos = pipe, (self.epoch, self.next_batch)
+
+    def _restart(self) -> None:
+        if self._pipe is not None and self._pipe_pos != (self.epoch, self.next_batch):
+            self.close()
+
+    def close(self) -> None:
+        if self._pipe is not None:
+            del self._pipe
+            self._pipe, self._pipe_pos = None, None
+
+    # -- conversion ----------------------------------------------------------------------
+    def _to_torch(self, tl, dtype=None) -> torch.Tensor:
+        if self.device == "gpu" and hasattr(tl, "as_tensor") and type(tl).__name__.endswith("GPU"):
+            t = tl.as_tensor()
+            out = torch.empty(t.shape(), dtype=dtype or _torch_dtype(t), device=f"cuda:{self.device_id}")
+            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device_id))
+            return out
+        return torch.from_numpy(tl.as_array())  # as_array() copies, so no buffer is reused
+
+    def _convert(self, outs) -> dict:
+        views = []
+        for tl in outs[: self.num_views if self.mode != "decode" else 0]:
+            t = self._to_torch(tl)
+            views.append(t.permute(0, 3, 1, 2) if self.channels_last else t)  # NHWC storage, NCHW shape
+        index = torch.from_numpy(outs[self.num_views].as_array().reshape(-1).astype(np.int64))
+        label = torch.from_numpy(outs[self.num_views + 1].as_array().reshape(-1).astype(np.int64))
+        return {"views": views, "index": index, "label": label}
+
+    # -- iteration -----------------------------------------------------------------------
+    def _iter_epoch(self):
+        plan = self.plan(self.epoch)
+        while self.next_batch < len(plan):
+            if self._pipe is None or self._pipe_pos != (self.epoch, self.next_batch):
+                self.close()
+                self._build()
+            try:
+                outs = self._pipe.run()
+            except StopIteration:  # pragma: no cover - the plan length already bounds the loop
+                self.close()
+                return
+            except Exception as e:  # a bad sample: name it, or skip it and rebuild from here
+                self.close()
+                self._handle_pipeline_error(e, plan)
+                continue
+            batch = self._convert(outs)
+            self._pipe_pos = (self.epoch, self.next_batch + 1)
+            if self.on_error == "skip" and len(batch["index"]) != len(plan[self.next_batch]):
+                self._record_skips(plan[self.next_batch], batch["index"].numpy())
+            yield batch
+        # finish DALI's epoch so the pipeline is reusable for the next one
+        if self._pipe is not None:
+            try:
+                self._pipe.run()
+                self.close()  # more output than planned: rebuild next time
+            except StopIteration:
+                self._pipe.reset()
+                self._pipe_pos = (self.epoch + 1, 0)
+            except Exception:
+                self.close()
+
+    def _handle_pipeline_error(self, e: Exception, plan) -> None:
+        msg = _dali_error_message(e)
+        if msg is not None and self.on_error == "raise":
+            raise DataError(msg) from None
+        # DALI reports the error of any prefetched batch: inspect the batches in flight.
+        in_flight = plan[self.next_batch:self.next_batch + self.prefetch + 1]
+        bad = self.find_undecodable(in_flight)
+        if not bad:
+            raise RuntimeError(f"DALI pipeline failed at epoch {self.epoch}, batch {self.next_batch} and no "
+                               f"sample of the batches in flight fails to decode with PIL: {e}") from e
+        names = ", ".join(self.source.describe(i) for i in bad)
+        if self.on_error == "raise":
+            raise DataError(f"cannot decode {names}") from None
+        for i in bad:
+            self.skipped[i] = self.source.describe(i)
+            log(f"skipped undecodable sample {self.source.describe(i)} (total skipped: {len(self.skipped)})")
+
+
+def _torch_dtype(t) -> torch.dtype:
+    name = str(t.dtype).split(".")[-1].lower()
+    return {"float": torch.float32, "float16": torch.float16, "uint8": torch.uint8,
+            "int64": torch.int64, "int32": torch.int32}.get(name, torch.float32)

@@ -1,0 +1,147 @@
+"""``launch.py profile``: loader-only throughput of both backends, side by side.
+
+Both backends read the same split with the same sampler, views and core budget; warm-up
+batches (worker start, pipeline build, first allocations) are excluded from the timing.
+Stages are also timed in isolation where they can be separated:
+
+* ``read``: fetching encoded bytes (zip mmap slices / files / RAM cache), one process;
+* ``decode``: read + decode only, through the backend's own parallelism;
+* ``full``: the whole pipeline (decode once + every view + normalise + hand-off as tensors).
+
+The difference between ``decode`` and ``full`` time per image is the augmentation cost.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from typing import List, Optional
+
+import torch
+
+from fastinst.config import save_config, to_dict
+
+from . import RankInfo, build_loader, build_source
+from .sources import log
+
+
+def _time_loader(loader, warmup: int, batches: int) -> dict:
+    """Images/s over ``batches`` batches after ``warmup`` ones (epochs chained as needed)."""
+    seen, t0, n_img, n_batches = 0, None, 0, 0
+    while n_batches < batches:
+        for batch in loader:
+            if seen == warmup:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()  # host sync: timing boundary only
+                t0 = time.perf_counter()
+            seen += 1
+            if seen > warmup:
+                n_img += len(batch["index"])
+                n_batches += 1
+                if n_batches >= batches:
+                    break
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    return {"images": n_img, "seconds": dt, "images_per_s": n_img / dt}
+
+
+def _time_read(source, n: int) -> float:
+    n = min(n, len(source))
+    t0 = time.perf_counter()
+    total = 0
+    for i in range(n):
+        total += len(source.read_checked(i))
+    return n / (time.perf_counter() - t0)
+
+
+def run_profile(cfg, out_dir: str, ranks: Optional[RankInfo] = None) -> dict:
+    ranks = ranks or RankInfo(0, 1, 0, 1)
+    os.makedirs(out_dir, exist_ok=True)
+    save_config(cfg, os.path.join(out_dir, "config.yaml"))
+    pc = cfg.profile
+    source = build_source(cfg, cfg.data.train_split, ranks)
+    log(f"profile: {len(source)} images from {cfg.data.path} ({cfg.data.train_split}), batch {cfg.loader.batch_size}, "
+        f"{cfg.aug.num_views} views {[f'{c.count}x{c.size}' for c in cfg.aug.crops]}, "
+        f"{pc.warmup_batches} warm-up + {pc.batches} timed batches per backend")
+    results: List[dict] = []
+    read_rate = _time_read(source, 2000) if pc.stages else None
+    for backend in pc.backends:
+        row = {"backend": backend}
+        loader = build_loader(cfg, cfg.data.train_split, mode="train", ranks=ranks, source=source, backend=backend)
+        try:
+            timing = _time_loader(loader, pc.warmup_batches, pc.batches)
+        finally:
+            info = _loader_info(loader)
+            loader.close()
+            del loader
+        row.update(info)
+        row.update(images_per_s=timing["images_per_s"], views_per_s=timing["images_per_s"] * cfg.aug.num_views,
+                   images=timing["images"], seconds=timing["seconds"])
+        if pc.stages:
+            dec = build_loader(cfg, cfg.data.train_split, mode="decode", ranks=ranks, source=source, backend=backend)
+            try:
+                dt = _time_loader(dec, pc.warmup_batches, pc.batches)
+            finally:
+                dec.close()
+                del dec
+            per_img_full = 1.0 / row["images_per_s"]
+            per_img_dec = 1.0 / dt["images_per_s"]
+            row["stages"] = {
+                "read_images_per_s_1proc": read_rate,
+                "decode_images_per_s": dt["images_per_s"],
+                "decode_ms_per_image": per_img_dec * 1e3,
+                "augment_ms_per_image": max(0.0, per_img_full - per_img_dec) * 1e3,
+                "full_ms_per_image": per_img_full * 1e3,
+            }
+        log(f"profile: {backend}: {row['images_per_s']:.1f} images/s")
+        results.append(row)
+    report = {"results": results, "host": _host_info(), "config": to_dict(cfg), "dataset_images": len(source)}
+    by = {r["backend"]: r for r in results}
+    if "dali" in by and "torch" in by:
+        report["speedup_dali_over_torch"] = by["dali"]["images_per_s"] / by["torch"]["images_per_s"]
+    with open(os.path.join(out_dir, "profile.json.tmp"), "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(os.path.join(out_dir, "profile.json.tmp"), os.path.join(out_dir, "profile.json"))
+    print(format_table(report))
+    return report
+
+
+def _loader_info(loader) -> dict:
+    if loader.backend == "dali":
+        return {"device": loader.device, "decode": "mixed (GPU)" if loader.device == "gpu" else "cpu",
+                "threads": loader.num_threads, "workers": loader.num_workers}
+    return {"device": "cpu", "decode": "PIL (cpu)", "threads": 1, "workers": loader.num_workers}
+
+
+def _host_info() -> dict:
+    info = {"cpu_cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+            "torch": torch.__version__, "platform": platform.platform()}
+    try:
+        import nvidia.dali as dali
+
+        info["dali"] = dali.__version__
+    except ImportError:
+        info["dali"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def format_table(report: dict) -> str:
+    head = f"{'backend':8} {'device':6} {'thr':>3} {'wrk':>3} {'images/s':>10} {'views/s':>10} {'decode img/s':>12} {'dec ms/img':>10} {'aug ms/img':>10}"
+    lines = [head, "-" * len(head)]
+    for r in report["results"]:
+        st = r.get("stages") or {}
+        lines.append(f"{r['backend']:8} {r['device']:6} {r['threads']:>3} {r['workers']:>3} {r['images_per_s']:>10.1f} "
+                     f"{r['views_per_s']:>10.1f} {st.get('decode_images_per_s', float('nan')):>12.1f} "
+                     f"{st.get('decode_ms_per_image', float('nan')):>10.2f} {st.get('augment_ms_per_image', float('nan')):>10.2f}")
+    if "speedup_dali_over_torch" in report:
+        lines.append(f"DALI / torchvision images/s: {report['speedup_dali_over_torch']:.2f}x")
+    rr = (report["results"][0].get("stages") or {}).get("read_images_per_s_1proc")
+    if rr:
+        lines.append(f"read stage alone (1 process): {rr:.0f} images/s")
+    h = report["host"]
+    lines.append(f"host: {h['cpu_cores']} cores, torch {h['torch']}, dali {h['dali']}, gpu {h.get('gpu', 'none')}")
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""torchvision / PIL backend: the seeds' loader, with the same config and outputs as DALI.
+
+Every seed (lemniscate, PIC, CMC, MoCo) decodes with PIL in DataLoader workers and applies
+torchvision transforms; this backend does the same (decoding once per image, as DALI does,
+so the comparison in ``launch.py profile`` is about the pipeline, not about decode counts).
+It is also the fallback where DALI is not installed.
+
+Augmentation randomness is a pure function of (seed, epoch, index): a resumed run reproduces
+the uninterrupted one bit for bit.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.utils.data as tud
+
+from .base import LoaderBase, default_threads
+from .sources import DataError, PIL_decode_check, Source
+
+
+def view_transform(crop, aug):
+    import torchvision.transforms as T
+
+    ops = [T.RandomResizedCrop(crop.size, scale=tuple(crop.scale), ratio=tuple(crop.ratio)),
+           T.RandomHorizontalFlip(p=aug.flip_p)]
+    b, c, s, h = aug.jitter
+    if aug.jitter_p > 0 and max(b, c, s, h) > 0:
+        ops.append(T.RandomApply([T.ColorJitter(b, c, s, h)], p=aug.jitter_p))
+    if aug.grey_p > 0:
+        ops.append(T.RandomGrayscale(p=aug.grey_p))
+    if aug.blur_p > 0:
+        # SimCLR: kernel 10% of the crop side (odd)
+        k = max(3, int(0.1 * crop.size) // 2 * 2 + 1)
+        ops.append(T.RandomApply([T.GaussianBlur(k, sigma=tuple(aug.blur_sigma))], p=aug.blur_p))
+    if aug.solarize_p > 0:
+        ops.append(T.RandomSolarize(128, p=aug.solarize_p))
+    return T.Compose(ops)
+
+
+def eval_transform(aug):
+    import torchvision.transforms as T
+
+    return T.Compose([T.Resize(aug.eval_resize), T.CenterCrop(aug.eval_crop)])
+
+
+class MultiViewDataset(tud.Dataset):
+    """Decode once with PIL, apply each view transform, normalise. Items are
+    (views, index, label), or None for a bad sample when on_error=skip."""
+
+    def __init__(self, source: Source, aug, mode: str, seed: int, channels_last: bool, fp16: bool,
+                 on_error: str):
+        self.source, self.aug, self.mode, self.seed = source, aug, mode, seed
+        self.channels_last, self.fp16, self.on_error = channels_last, fp16, on_error
+        if mode == "train":
+            self.transforms = [view_transform(c, aug) for c in aug.crops for _ in range(c.count)]
+        elif mode == "decode":  # profiling: the decode stage alone
+            self.transforms = []
+        else:
+            self.transforms = [eval_transform(aug)]
+        self.mean = torch.tensor(aug.mean).view(3, 1, 1) * 255.0
+        self.std = torch.tensor(aug.std).view(3, 1, 1) * 255.0
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.source)
+
+    def _to_tensor(self, img) -> torch.Tensor:  # (3, H, W) float
+        arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (H, W, 3)
+        t = arr.permute(2, 0, 1).float().sub_(self.mean).div_(self.std)
+        return t.half() if self.fp16 else t
+
+    def __getitem__(self, key):
+        epoch, i = key
+        try:
+            img = PIL_decode_check(self.source.read_checked(i), self.source.describe(i))
+        except DataError:
+            if self.on_error == "raise":
+                raise
+            return None
+        # torchvision's transforms draw from torch's global RNG: seed it per (seed, epoch, index)
+        torch.manual_seed((self.seed * 1000003 + epoch * 7919 + i * 104729) % (2 ** 63))
+        views = [self._to_tensor(t(img)) for t in self.transforms]
+        return views, i, int(self.source.labels[i])
+
+
+def collate(items, channels_last: bool):
+    items = [x for x in items if x is not None]
+    if not items:
+        return None
+    nv = len(items[0][0])  # 0 in decode-only profiling
+    views = []
+    for v in range(nv):
+        t = torch.stack([it[0][v] for it in items])  # (B, 3, H, W)
+        views.append(t.contiguous(memory_format=torch.channels_last) if channels_last else t)
+    index = torch.tensor([it[1] for it in items], dtype=torch.int64)
+    label = torch.tensor([it[2] for it in items], dtype=torch.int64)
+    return {"views": views, "index": index, "label": label}
+
+
+class _Collate:
+    def __init__(self, channels_last):
+        self.channels_last = channels_last
+
+    def __call__(self, items):
+        return collate(items, self.channels_last)
+
+
+class _PlanSampler(tud.Sampler):
+    """Yields the remaining batches of the loader's current epoch as (epoch, index) keys."""
+
+    def __init__(self, loader: "TorchLoader"):
+        self.loader = loader
+
+    def __iter__(self):
+        ld = self.loader
+        for b in ld.plan(ld.epoch)[ld.next_batch:]:
+            yield [(ld.epoch, int(i)) for i in b]
+
+    def __len__(self):
+        return len(self.loader) - self.loader.next_batch
+
+
+class TorchLoader(LoaderBase):
+    backend = "torch"
+
+    def __init__(self, source: Source, sampler, *, aug, batch_size: int, mode: str = "train",
+                 num_workers: int = 0, prefetch: int = 2, channels_last: bool = True, fp16: bool = False,
+                 drop_last: bool = True, on_error: str = "raise", seed: int = 0, rank: int = 0,
+                 local_world: int = 1, pin_memory: Optional[bool] = None, device: str = "auto"):
+        super().__init__(source, sampler, batch_size=batch_size, drop_last=drop_last, on_error=on_error,
+                         seed=seed, rank=rank)
+        self.num_workers = num_workers or default_threads(local_world)
+        self.dataset = MultiViewDataset(source, aug, mode, seed * 31 + rank, channels_last, fp16, on_error)
+        use_cuda = torch.cuda.is_available() and device != "cpu"
+        self.to_gpu = use_cuda
+        self.dl = tud.DataLoader(self.dataset, batch_sampler=_PlanSampler(self), num_workers=self.num_workers,
+                                 collate_fn=_Collate(channels_last),
+                                 pin_memory=use_cuda if pin_memory is None else pin_memory,
+                                 prefetch_factor=prefetch if self.num_workers > 0 else None,
+                                 persistent_workers=self.num_workers > 0)
+
+    def _iter_epoch(self):
+        plan = self.plan(self.epoch)
+        for batch in self.dl:
+            expected = plan[self.next_batch]
+            if batch is None:
+                raise DataError(f"every sample of batch {self.next_batch} (epoch {self.epoch}) was bad; first: "
+                                f"{self.source.describe(int(expected[0]))}")
+            if len(batch["index"]) != len(expected):
+                self._record_skips(expected, batch["index"].numpy())
+            if self.to_gpu:
+                batch["views"] = [v.cuda(non_blocking=True) for v in batch["views"]]
+            yield batch

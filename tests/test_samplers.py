@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+
+from loaders.samplers import EpochSampler, SlidingWindowSampler, batch_plan, num_batches
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("n", [30, 31, 32])
+@pytest.mark.parametrize("ownership", ["global", "local"])
+def test_epoch_sampler_covers_once_without_overlap(world, n, ownership):
+    for epoch in (0, 1, 5):
+        shards = [EpochSampler(n, rank=r, world=world, seed=3, ownership=ownership).indices(epoch)
+                  for r in range(world)]
+        allidx = np.concatenate(shards)
+        assert len(allidx) == n  # no duplicates, no padding
+        assert np.array_equal(np.sort(allidx), np.arange(n))
+        for a in range(world):
+            for b in range(a + 1, world):
+                assert not set(shards[a]) & set(shards[b])
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1
+        if ownership == "local":
+            for r, s in enumerate(shards):
+                assert np.all(s % world == r)
+
+
+def test_epoch_sampler_deterministic_and_reshuffled():
+    a = EpochSampler(100, rank=1, world=2, seed=7)
+    b = EpochSampler(100, rank=1, world=2, seed=7)
+    assert np.array_equal(a.indices(4), b.indices(4))
+    assert not np.array_equal(a.indices(4), a.indices(5))
+    assert not np.array_equal(a.indices(4), EpochSampler(100, rank=1, world=2, seed=8).indices(4))
+    assert a.indices(0).dtype == np.int64
+
+
+def test_batch_plan_equal_batch_counts_across_ranks():
+    n, world, bs = 31, 3, 4  # shards of 11, 10, 10
+    counts = {num_batches(EpochSampler(n, rank=r, world=world), bs, True) for r in range(world)}
+    assert counts == {10 // 4}
+    plans = [batch_plan(EpochSampler(n, rank=r, world=world), 0, bs, False) for r in range(world)]
+    assert sum(len(b) for p in plans for b in p) == n
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sliding_window_visits_each_index_window_over_stride_times(world):
+    n, window, stride = 96 * world, 24 * world, 6 * world
+    counts = np.zeros(n, dtype=int)
+    for r in range(world):
+        s = SlidingWindowSampler(n, window=window, stride=stride, rank=r, world=world, seed=1)
+        assert len(s) == window // world
+        for epoch in range(n // stride):  # one pass of the window over the data
+            idx = s.indices(epoch)
+            assert len(set(idx.tolist())) == len(idx)  # no repeats inside a window
+            assert np.all(idx % world == r)  # PIC: a rank samples its own rows
+            counts[idx] += 1
+    assert np.all(counts == window // stride)
+
+
+def test_sliding_window_consecutive_windows_overlap_and_resume_exact():
+    s = SlidingWindowSampler(1000, window=100, stride=25, seed=2)
+    w0, w1 = set(s.indices(0).tolist()), set(s.indices(1).tolist())
+    assert len(w0 & w1) == 75  # overlap = window - stride
+    again = SlidingWindowSampler(1000, window=100, stride=25, seed=2)
+    assert np.array_equal(s.indices(17), again.indices(17))
