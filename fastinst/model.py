@@ -1,0 +1,200 @@
+"""Embedding network: a torchvision ResNet trunk plus a projection head.
+
+The trunk is a stock torchvision ResNet (never pretrained weights, nothing is
+downloaded) with its ``fc`` removed, so the trained trunk exports straight back into
+``torchvision.models.resnetXX()`` for linear probing and transfer. The head maps pooled
+features to the instance embedding:
+
+- ``head="linear"``: one Linear to ``embed_dim`` (NPID / lemniscate ``low_dim`` fc, PIC).
+- ``head="mlp"``: Linear-BN-ReLU-Linear (SimCLR's projection head; MoCo v2 uses the same
+  shape without the BN).
+
+The embedding is L2-normalised in fp32 even under autocast: every method in fastinst
+divides cosine similarities by a temperature as low as 0.07, and bf16/fp16 rounding of
+the unit vectors would be amplified by 1/T before the softmax.
+
+Also here: the AMP helpers (`autocast_context`, `make_grad_scaler`) so that the engine
+never branches on the precision mode itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from typing import ContextManager, Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+__all__ = [
+    "ARCHS",
+    "EmbeddingNet",
+    "build_model",
+    "autocast_context",
+    "make_grad_scaler",
+]
+
+# Constructors by name; all take weights=None so nothing is ever downloaded.
+ARCHS = {
+    "resnet18": torchvision.models.resnet18,
+    "resnet34": torchvision.models.resnet34,
+    "resnet50": torchvision.models.resnet50,
+    "resnet101": torchvision.models.resnet101,
+    "resnet152": torchvision.models.resnet152,
+}
+STEMS = ("imagenet", "small")
+HEADS = ("linear", "mlp")
+AMP_MODES = ("off", "bf16", "fp16")
+
+
+def _build_trunk(arch: str, stem: str) -> Tuple[nn.Module, int]:
+    """torchvision ResNet with ``fc`` replaced by Identity, and its pooled feature width."""
+    if arch not in ARCHS:
+        raise ValueError(f"model.arch={arch!r} is not supported; choose one of {sorted(ARCHS)}")
+    if stem not in STEMS:
+        raise ValueError(f"model.stem={stem!r} is not supported; choose one of {list(STEMS)}")
+    trunk = ARCHS[arch](weights=None)
+    if stem == "small":
+        # CIFAR-style stem (lemniscate models/resnet_cifar.py): 3x3 stride-1 conv and no
+        # max-pool, so 28-96 px inputs are not downsampled 4x before layer1.
+        trunk.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        trunk.maxpool = nn.Identity()
+    # Identity keeps the torchvision module names (conv1, layer1..4, ...) and has no
+    # parameters, so the trunk's state_dict is a torchvision state_dict minus fc.*.
+    feature_dim = trunk.fc.in_features  # 512 (resnet18/34) or 2048 (resnet50+)
+    trunk.fc = nn.Identity()
+    return trunk, feature_dim
+
+
+def _build_head(kind: str, in_dim: int, embed_dim: int, hidden_dim: int) -> nn.Module:
+    if kind not in HEADS:
+        raise ValueError(f"model.head={kind!r} is not supported; choose one of {list(HEADS)}")
+    if kind == "linear":
+        return nn.Linear(in_dim, embed_dim)
+    # No bias before BN: BN's shift makes it redundant.
+    return nn.Sequential(
+        OrderedDict(
+            fc1=nn.Linear(in_dim, hidden_dim, bias=False),
+            bn1=nn.BatchNorm1d(hidden_dim),
+            relu=nn.ReLU(inplace=True),
+            fc2=nn.Linear(hidden_dim, embed_dim),
+        )
+    )
+
+
+class EmbeddingNet(nn.Module):
+    """ResNet trunk -> head -> L2-normalised fp32 embedding of size ``embed_dim``."""
+
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        *,
+        stem: str = "imagenet",
+        embed_dim: int = 128,
+        head: str = "linear",
+        hidden_dim: int = 2048,
+    ) -> None:
+        super().__init__()
+        if embed_dim <= 0 or hidden_dim <= 0:
+            raise ValueError(
+                f"model.embed_dim={embed_dim} and model.hidden_dim={hidden_dim} must be positive"
+            )
+        self.arch = arch
+        self.stem = stem
+        self.embed_dim = embed_dim
+        self.backbone, self.feature_dim = _build_trunk(arch, stem)
+        self.head = _build_head(head, self.feature_dim, embed_dim, hidden_dim)
+        # Set by build_model(channels_last=True): inputs are converted on entry so that a
+        # caller handing NCHW-contiguous images does not silently fall back to slow kernels.
+        self.channels_last = False
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)  # [B, 3, H, W] NHWC strides
+        return x
+
+    def backbone_features(self, x: Tensor) -> Tensor:
+        """Pooled pre-head features [B, feature_dim] (the linear-probe input)."""
+        return self.backbone(self._prepare(x))  # [B, feature_dim]
+
+    def forward(self, x: Tensor) -> Tensor:
+        feats = self.backbone(self._prepare(x))  # [B, feature_dim]
+        z = self.head(feats)  # [B, embed_dim], autocast dtype if enabled
+        # Normalise outside autocast in fp32 (see module docstring).
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return F.normalize(z.float(), dim=1)  # [B, embed_dim] fp32, unit rows
+
+    def export_backbone_state_dict(self) -> Dict[str, Tensor]:
+        """Trunk weights under torchvision's key names, for ``torchvision.models.<arch>()``.
+
+        The dict holds every torchvision key except ``fc.weight`` / ``fc.bias`` (the
+        classifier is not part of self-supervised training), so load it with
+        ``strict=False``; the returned ``missing_keys`` is then exactly
+        ``["fc.weight", "fc.bias"]`` and ``unexpected_keys`` is empty. With
+        ``stem="small"`` ``conv1.weight`` is 3x3, so the receiving torchvision model needs
+        the same stem surgery (see ``_build_trunk``) before loading. SyncBatchNorm layers
+        export the same keys as BatchNorm2d. Tensors are detached CPU copies.
+        """
+        return OrderedDict(
+            (k, v.detach().to("cpu", copy=True).contiguous())
+            for k, v in self.backbone.state_dict().items()
+        )
+
+
+def build_model(
+    arch: str = "resnet50",
+    *,
+    stem: str = "imagenet",
+    embed_dim: int = 128,
+    head: str = "linear",
+    hidden_dim: int = 2048,
+    channels_last: bool = False,
+    sync_bn: bool = False,
+    compile: bool = False,
+) -> EmbeddingNet:
+    """Build an `EmbeddingNet`; the order of conversions matters and is fixed here.
+
+    sync_bn: BatchNorm -> SyncBatchNorm (statistics over all ranks; it falls back to
+        plain batch norm when torch.distributed is not initialised, e.g. in tests).
+    channels_last: parameters and inputs in NHWC, what tensor-core convolutions want
+        under AMP (NVIDIA DeepLearningExamples RN50 recipe).
+    compile: ``nn.Module.compile()`` in place (torch >= 2.2) rather than wrapping in
+        ``torch.compile(model)``, so the result is still an `EmbeddingNet` and its
+        state_dict keys carry no ``_orig_mod.`` prefix (checkpoints stay interchangeable
+        between compiled and eager runs).
+    """
+    model = EmbeddingNet(arch, stem=stem, embed_dim=embed_dim, head=head, hidden_dim=hidden_dim)
+    if sync_bn:
+        # Returns the same top-level object (it is not a BN layer); children are swapped.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        model.channels_last = True
+    if compile:
+        model.compile()
+    return model
+
+
+def autocast_context(device_type: str, amp: str) -> ContextManager:
+    """Autocast region for ``amp`` in {"off", "bf16", "fp16"}; "off" is a no-op context."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp={amp!r} is not supported; choose one of {list(AMP_MODES)}")
+    if amp == "off":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def make_grad_scaler(amp: str, device_type: str = "cuda") -> torch.amp.GradScaler:
+    """Loss scaler, enabled only for fp16 (bf16 has fp32's exponent range; no underflow).
+
+    A disabled scaler is returned for "off"/"bf16" so the train loop is the same in every
+    mode: ``scale(loss)`` returns the loss unchanged, ``step(opt)`` calls ``opt.step()``
+    and ``update()`` does nothing. ``torch.amp.GradScaler(device)`` exists from torch 2.3
+    on (the ``torch.cuda.amp`` spelling is deprecated on newer releases).
+    """
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp={amp!r} is not supported; choose one of {list(AMP_MODES)}")
+    return torch.amp.GradScaler(device_type, enabled=(amp == "fp16"))
