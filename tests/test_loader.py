@@ -201,3 +201,16 @@ def test_bad_jpeg_skipped_and_counted(tmp_path, backend, kind):
     assert sorted(idx) == [i for i in range(16) if i != 5]  # nothing else lost, nothing repeated
     assert list(loader.skipped) == [5] and "img_0005.jpg" in loader.skipped[5]
     assert loader.state_dict()["skipped"] == {5: loader.skipped[5]}
+
+
+@pytest.mark.gpu
+def test_gpu_mixed_decode_pipeline(photos):
+    cfg = load_config(None, [f"data.path={photos}", "loader.batch_size=8", "loader.device=gpu",
+                             "aug.crops=[{count: 2, size: 64}]"])
+    loader = build_loader(cfg, "train")
+    batches = collect(loader)
+    loader.close()
+    assert sorted(i for b in batches for i in b["index"].tolist()) == list(range(32))
+    v = batches[0]["views"][0]
+    assert v.is_cuda and v.shape == (8, 3, 64, 64) and v.is_contiguous(memory_format=torch.channels_last)
+    assert torch.isfinite(v).all()
