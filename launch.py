@@ -5,6 +5,13 @@
     python launch.py prepare photos --out data/photos --n 2000
     python launch.py profile --config configs/profile_simclr.yaml --out runs/profile data.path=data/photos
     torchrun --nproc_per_node=8 launch.py profile --config configs/profile_simclr.yaml --out runs/profile
+    python launch.py train --config configs/npid_fmnist.yaml --out runs/npid_fmnist
+    python launch.py train --config configs/npid_fmnist.yaml --out runs/npid_fmnist --resume auto train.epochs=20
+    torchrun --nproc_per_node=8 launch.py train --config configs/npid_imagenet_r50.yaml --out runs/npid_r50 \
+        data.path=data/imagenet-zip
+    torchrun --nnodes=4 --node_rank=$NODE_RANK --nproc_per_node=8 --master_addr=$MASTER --master_port=29500 \
+        launch.py train --config configs/npid_imagenet_r50.yaml --out runs/npid_r50 data.path=data/imagenet-zip
+    python launch.py eval --config configs/npid_fmnist.yaml --checkpoint runs/npid_fmnist/checkpoints/ckpt_000002340
 
 Settings after the options are dotted config overrides (``key.sub=value``). Under torchrun
 the process reads RANK, LOCAL_RANK, WORLD_SIZE and MASTER_ADDR from its environment only.
@@ -48,6 +55,29 @@ def _cmd_profile(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from fastinst.config import load_config
+    from fastinst.engine import main_guard, train
+
+    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    cfg = load_config(args.config, overrides)
+    main_guard(train, cfg, args.out)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import json
+
+    from fastinst.config import load_config
+    from fastinst.engine import evaluate_checkpoint, main_guard
+
+    cfg = load_config(args.config, args.overrides)
+    res = main_guard(evaluate_checkpoint, cfg, args.checkpoint)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(res))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="launch.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,15 +101,44 @@ def main(argv=None) -> int:
     pr.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     pr.set_defaults(func=_cmd_profile)
 
-    args = p.parse_args(argv)
+    pt = sub.add_parser("train", help="self-supervised training (every rank under torchrun)")
+    pt.add_argument("--config", required=True)
+    pt.add_argument("--out", required=True, help="run directory (config.yaml, metrics.jsonl, checkpoints/)")
+    pt.add_argument("--resume", default=None,
+                    help="auto (newest complete checkpoint in OUT/checkpoints), none, or a checkpoint directory; "
+                         "default: train.resume from the config (auto)")
+    pt.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+    pt.set_defaults(func=_cmd_train)
+
+    pe = sub.add_parser("eval", help="weighted kNN accuracy of a checkpoint (same world size as its save)")
+    pe.add_argument("--config", required=True)
+    pe.add_argument("--checkpoint", required=True, help="a ckpt_* directory with a COMPLETE marker")
+    pe.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+    pe.set_defaults(func=_cmd_eval)
+
+    # Overrides may also follow options given after them (``--out D k=v --resume auto k2=v2``).
+    args, extra = p.parse_known_args(argv)
+    bad = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     from fastinst.config import ConfigError
+    from fastinst.checkpoint import CheckpointError
     from loaders.sources import DataError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from fastinst.engine import NonFiniteLossError
+
+        if not isinstance(e, NonFiniteLossError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -167,6 +167,118 @@ class ProfileConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """torchvision ResNet trunk + projection head (fastinst/model.py)."""
+
+    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = "resnet50"
+    # imagenet: 7x7/2 conv + max-pool; small: 3x3/1 conv, no pool (lemniscate resnet_cifar, 28-96 px).
+    stem: Literal["imagenet", "small"] = "imagenet"
+    embed_dim: int = 128  # NPID's low_dim
+    head: Literal["linear", "mlp"] = "linear"
+    hidden_dim: int = 2048  # mlp head only
+    channels_last: bool = True
+    # auto: bf16 on CUDA, off on the CPU (CPU autocast is slow and not what the seeds ran).
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    # BatchNorm statistics over all ranks (needs CUDA with more than one rank).
+    sync_bn: bool = False
+    compile: bool = False
+
+    def __post_init__(self):
+        _check(self.embed_dim >= 1, "model.embed_dim", "must be >= 1 (NPID uses 128)")
+        _check(self.hidden_dim >= 1, "model.hidden_dim", "must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NPIDConfig:
+    """NPID / InstDisc (Wu et al. 2018; lemniscate.pytorch). Defaults: the ImageNet run."""
+
+    # Noise samples per example; 0 = full softmax over all N bank rows (CIFAR-style).
+    K: int = 4096
+    T: float = 0.07
+    momentum: float = 0.5  # bank update v <- normalise(m v + (1 - m) x)
+    # nce: lemniscate NCECriterion with Pn = 1/N; softmax: cross-entropy over 1 + K (or all N).
+    loss: Literal["nce", "softmax"] = "nce"
+    # per_sample: K fresh noise rows per example (the seeds); shared: one set per global batch.
+    negatives: Literal["per_sample", "shared"] = "per_sample"
+    # NCE partition Z: once = estimated on the first batch (lemniscate); ema = running estimate.
+    z: Literal["once", "ema"] = "once"
+    z_ema: float = 0.99
+    bank_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # auto: fused Triton update on CUDA, torch elsewhere.
+    bank_kernel: Literal["auto", "triton", "torch"] = "auto"
+
+    def __post_init__(self):
+        _check(self.K >= 0, "method.npid.K", "must be >= 0 (0 = full softmax)")
+        _check(not (self.loss == "nce" and self.K == 0), "method.npid.K",
+               "is 0 (full softmax) but method.npid.loss=nce; set method.npid.loss=softmax or K > 0")
+        _check(self.T > 0, "method.npid.T", "temperature must be > 0 (NPID uses 0.07)")
+        _check(0.0 <= self.momentum < 1.0, "method.npid.momentum", "must lie in [0, 1) (NPID uses 0.5)")
+        _check(0.0 <= self.z_ema < 1.0, "method.npid.z_ema", "must lie in [0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodConfig:
+    name: Literal["npid"] = "npid"
+    npid: NPIDConfig = field(default_factory=NPIDConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    epochs: int = 200
+    # Learning rate for a global batch of lr_batch images; scaled linearly by the global batch.
+    lr: float = 0.03
+    lr_batch: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: Literal["step", "cosine"] = "step"
+    milestones: Tuple[int, ...] = (120, 160)  # epochs (step schedule)
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0  # linear warm-up from 0, per step
+    log_every: int = 50  # steps
+    eval_every: int = 1  # epochs; 0 = no kNN evaluation during training
+    ckpt_every: int = 1  # epochs; 0 = only at the end
+    keep: int = 3  # complete checkpoints kept on disk
+    # Consecutive steps with a non-finite loss (skipped: no optimiser step, no bank update)
+    # before the run stops; the last good checkpoint is left untouched.
+    max_nonfinite: int = 20
+    max_steps: int = 0  # > 0 stops early (smoke runs); a checkpoint is written at the stop
+    # auto: the newest complete checkpoint in <out>/checkpoints if any; none; or a path.
+    resume: str = "auto"
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.lr_batch >= 1, "train.lr_batch", "must be >= 1 (the batch train.lr is quoted for)")
+        _check(0.0 <= self.momentum < 1.0, "train.momentum", "must lie in [0, 1)")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(list(self.milestones) == sorted(self.milestones) and all(m > 0 for m in self.milestones),
+               "train.milestones", f"must be positive epochs in increasing order, got {list(self.milestones)}")
+        _check(0.0 < self.gamma <= 1.0, "train.gamma", "must lie in (0, 1]")
+        _check(0.0 <= self.warmup_epochs < self.epochs, "train.warmup_epochs", "must lie in [0, train.epochs)")
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = off)")
+        _check(self.ckpt_every >= 0, "train.ckpt_every", "must be >= 0 (0 = only at the end)")
+        _check(self.keep >= 1, "train.keep", "must be >= 1")
+        _check(self.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
+        _check(self.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = no limit)")
+        _check(bool(self.resume), "train.resume", "use auto, none or a checkpoint directory")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Weighted kNN (NPID protocol, lemniscate test.py::kNN) on data.val_split."""
+
+    knn_k: int = 200
+    knn_sigma: float = 0.07
+    # bank: train features are the memory bank rows; recompute: one pass of the eval transform.
+    features: Literal["bank", "recompute"] = "bank"
+
+    def __post_init__(self):
+        _check(self.knn_k >= 1, "eval.knn_k", "must be >= 1 (NPID uses 200)")
+        _check(self.knn_sigma > 0, "eval.knn_sigma", "must be > 0 (NPID uses 0.07)")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     name: str = "fastinst"
     seed: int = 0
@@ -175,6 +287,10 @@ class Config:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         if self.sampler.kind == "sliding_window":

@@ -1,0 +1,499 @@
+"""Training engine: small set-up builders, the train loop, checkpoints and kNN evaluation.
+
+``train(cfg, out_dir, resume)`` is what ``launch.py train`` runs on every rank. The loop
+(`_train_loop`) fits on one screen; everything else is a builder or a helper:
+
+- distributed init from torchrun's environment only (gloo on CPU, nccl on GPU);
+- model (torchvision ResNet, channels-last, AMP), DDP when world > 1;
+- SGD with momentum / weight decay (fused on CUDA, foreach elsewhere), lr scaled by the
+  global batch (``train.lr`` is quoted for ``train.lr_batch`` images), step or cosine
+  schedule with linear warm-up, set per step;
+- the method (registry, fastinst/methods), which owns its state (NPID: bank shard, Z);
+- throughput meter (images/s per rank, fraction of wall time waiting for data), a progress
+  line from rank 0, ``metrics.jsonl`` and TensorBoard when it is installed;
+- the non-finite guard: a step whose loss is NaN/inf gets no backward, no optimiser step
+  and no bank update; after ``train.max_nonfinite`` in a row the run stops with
+  `NonFiniteLossError` before writing anything, so the last good checkpoint stays intact;
+- a checkpoint every ``train.ckpt_every`` epochs (fastinst/checkpoint.py, per-rank atomic
+  files) holding model, optimiser, scaler, step, loader position, method state, RNG states
+  and the resolved config; ``resume: auto|none|PATH``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoint import find_latest_complete, load_checkpoint, save_checkpoint
+from .config import Config, ConfigError, save_config, to_dict
+from .knn import knn_classify
+from .methods import build_method
+from .model import autocast_context, build_model, make_grad_scaler
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses; the run stopped without saving."""
+
+
+# --------------------------------------------------------------------------- set-up builders
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def ranks(self):
+        from loaders import RankInfo
+
+        return RankInfo(self.rank, self.world, self.local_rank, self.local_world)
+
+
+def init_distributed() -> DistEnv:
+    """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) only. Under
+    torchrun the process group is initialised even for one process (the same code path);
+    a plain ``python launch.py train`` runs as world size 1 without one."""
+    env = os.environ
+    cuda = torch.cuda.is_available()
+    rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+    local_rank, local_world = int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", 1))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if "MASTER_ADDR" in env and "WORLD_SIZE" in env and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", init_method="env://")
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return DistEnv(rank, world, local_rank, local_world, device)
+
+
+def resolve_amp(cfg: Config, device: torch.device) -> str:
+    """'auto' -> bf16 on CUDA (fp16 where bf16 is missing), off on the CPU."""
+    amp = cfg.model.amp
+    if amp == "auto":
+        if device.type != "cuda":
+            return "off"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("config key 'model.amp': fp16 needs CUDA (its loss scaler is CUDA-only); "
+                          "use model.amp=off or bf16 on the CPU")
+    return amp
+
+
+def build_train_model(cfg: Config, env: DistEnv) -> nn.Module:
+    m = cfg.model
+    sync_bn = m.sync_bn and env.world > 1
+    if sync_bn and env.device.type != "cuda":
+        raise ConfigError("config key 'model.sync_bn': SyncBatchNorm needs CUDA; set model.sync_bn=false on CPU")
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+    model = build_model(m.arch, stem=m.stem, embed_dim=m.embed_dim, head=m.head, hidden_dim=m.hidden_dim,
+                        channels_last=m.channels_last and env.device.type == "cuda", sync_bn=sync_bn,
+                        compile=m.compile)
+    model = model.to(env.device)
+    if env.world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def base_lr(cfg: Config, world: int) -> float:
+    """Linear scaling (Goyal et al. 2017): lr for the global batch from lr quoted at lr_batch."""
+    return cfg.train.lr * cfg.loader.batch_size * world / cfg.train.lr_batch
+
+
+def build_optimizer(cfg: Config, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    # Weight decay on every parameter, as lemniscate / PIC do.
+    fast = {"fused": True} if next(model.parameters()).is_cuda else {"foreach": True}
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.train.momentum,
+                           weight_decay=cfg.train.weight_decay, **fast)
+
+
+def lr_at(step: int, cfg: Config, steps_per_epoch: int, lr0: float) -> float:
+    """Per-step learning rate: linear warm-up, then step decay (by whole epochs, as the
+    seeds' MultiStepLR) or a cosine to zero over the remaining steps."""
+    t = cfg.train
+    warm = int(round(t.warmup_epochs * steps_per_epoch))
+    if step < warm:
+        return lr0 * (step + 1) / warm
+    if t.schedule == "cosine":
+        total = t.epochs * steps_per_epoch
+        p = min(1.0, (step - warm) / max(1, total - warm))
+        return lr0 * 0.5 * (1.0 + math.cos(math.pi * p))
+    epoch = step // steps_per_epoch
+    return lr0 * t.gamma ** sum(epoch >= m for m in t.milestones)
+
+
+def build_loaders(cfg: Config, env: DistEnv):
+    """Train loader plus its source (N and labels for the bank); fails early on bad layouts."""
+    from loaders import build_loader, build_source
+
+    ranks = env.ranks
+    if cfg.data.on_error == "skip" and env.world > 1:
+        raise ConfigError("config key 'data.on_error': 'skip' shortens batches unevenly across ranks, which "
+                          "the all-gathered loss does not support; use data.on_error=raise with >1 rank")
+    source = build_source(cfg, cfg.data.train_split, ranks)
+    device_id = env.device.index if env.device.type == "cuda" else None
+    loader = build_loader(cfg, cfg.data.train_split, mode="train", ranks=ranks, source=source,
+                          device_id=device_id)
+    return source, loader
+
+
+class EvalData:
+    """Eval-transform loaders, built on first use: val queries and (for features=recompute)
+    the train split in eval mode."""
+
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.cfg, self.env, self._loaders = cfg, env, {}
+
+    def check(self) -> None:
+        if self.cfg.train.eval_every > 0:
+            self.loader(self.cfg.data.val_split)  # start-up: the val split exists and is readable
+
+    def loader(self, split: str):
+        if split not in self._loaders:
+            from loaders import build_loader
+
+            device_id = self.env.device.index if self.env.device.type == "cuda" else None
+            self._loaders[split] = build_loader(self.cfg, split, mode="eval", ranks=self.env.ranks,
+                                                device_id=device_id)
+        return self._loaders[split]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class Meter:
+    """Images/s per rank and the fraction of wall time spent waiting for the loader."""
+
+    def __init__(self, images_per_step: int):
+        self.images_per_step = images_per_step
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0, self.wait, self.steps, self.loss_sum = time.perf_counter(), 0.0, 0, 0.0
+
+    def read(self) -> Dict[str, float]:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        return {"images_per_s": self.steps * self.images_per_step / dt, "data_wait": self.wait / dt,
+                "loss_avg": self.loss_sum / max(self.steps, 1)}
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per logged step / evaluation) + optional TensorBoard; rank 0."""
+
+    def __init__(self, out_dir: str, rank: int, resume_step: Optional[int]):
+        self.on = rank == 0
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.tb = None
+        if not self.on:
+            return
+        if resume_step is not None and os.path.exists(self.path):
+            # Drop records past the checkpoint we resume from (written by the interrupted run).
+            with open(self.path) as f:
+                keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(keep)
+        elif resume_step is None and os.path.exists(self.path):
+            os.remove(self.path)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+        except Exception:  # tensorboard not installed: jsonl only
+            self.tb = None
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if not self.on:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "kind") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def log0(env: DistEnv, msg: str) -> None:
+    if env.rank == 0:
+        print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------- state
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@dataclass
+class Trainer:
+    cfg: Config
+    env: DistEnv
+    out_dir: str
+    model: nn.Module
+    method: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    amp: str
+    loader: Any
+    source: Any
+    evals: EvalData
+    lr0: float
+    step: int = 0
+    nonfinite: int = 0  # consecutive non-finite steps
+    skipped: int = 0  # all non-finite steps of the run
+
+    @property
+    def ckpt_dir(self) -> str:
+        return os.path.join(self.out_dir, "checkpoints")
+
+    def state_dict(self) -> dict:
+        return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "step": self.step, "nonfinite": self.nonfinite,
+                "skipped": self.skipped, "loader": self.loader.state_dict(), "method": self.method.state_dict(),
+                "rng": rng_state(), "config": to_dict(self.cfg)}
+
+    def load_state_dict(self, state: dict) -> None:
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.method.load_state_dict(state["method"])
+        self.loader.load_state_dict(state["loader"])
+        self.step, self.nonfinite, self.skipped = int(state["step"]), int(state["nonfinite"]), int(state["skipped"])
+        set_rng_state(state["rng"])
+
+    def save(self) -> str:
+        return save_checkpoint(self.ckpt_dir, self.step, self.state_dict(), rank=self.env.rank,
+                               world_size=self.env.world, keep=self.cfg.train.keep)
+
+
+def build_trainer(cfg: Config, out_dir: str, env: DistEnv) -> Trainer:
+    random.seed(cfg.seed + env.rank)
+    np.random.seed(cfg.seed + env.rank)
+    source, loader = build_loaders(cfg, env)
+    evals = EvalData(cfg, env)
+    evals.check()
+    model = build_train_model(cfg, env)
+    labels = torch.as_tensor(np.asarray(source.labels), dtype=torch.long)
+    method = build_method(cfg, model, len(source), env.ranks, labels=labels, device=env.device)
+    lr0 = base_lr(cfg, env.world)
+    amp = resolve_amp(cfg, env.device)
+    return Trainer(cfg=cfg, env=env, out_dir=out_dir, model=model, method=method,
+                   optimizer=build_optimizer(cfg, model, lr0), scaler=make_grad_scaler(amp, env.device.type),
+                   amp=amp, loader=loader, source=source, evals=evals, lr0=lr0)
+
+
+def resolve_resume(resume: str, ckpt_dir: str) -> Optional[str]:
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return find_latest_complete(ckpt_dir)
+    return resume
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def gather_rows(x: torch.Tensor, world: int) -> torch.Tensor:
+    """Concatenate every rank's rows (row counts may differ by rank) on every rank."""
+    if world == 1:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    counts = [torch.empty_like(n) for _ in range(world)]
+    dist.all_gather(counts, n)
+    counts = [int(c) for c in counts]
+    pad = x.new_zeros((max(counts),) + tuple(x.shape[1:]))
+    pad[:x.shape[0]] = x
+    parts = [torch.empty_like(pad) for _ in range(world)]
+    dist.all_gather(parts, pad)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+
+@torch.no_grad()
+def embed_split(tr: Trainer, split: str):
+    """Eval-transform embeddings of this rank's rows of ``split``: (feats [n, D], labels [n])."""
+    model, feats, labels = unwrap(tr.model), [], []
+    loader = tr.evals.loader(split)
+    loader.set_epoch(0)
+    for batch in loader:
+        with autocast_context(tr.env.device.type, tr.amp):
+            feats.append(model(batch["views"][0].to(tr.env.device, non_blocking=True)).float())
+        labels.append(batch["label"].to(tr.env.device))
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def evaluate(tr: Trainer) -> Dict[str, float]:
+    """Weighted kNN (NPID protocol): val embeddings vs bank rows or recomputed train embeddings."""
+    cfg, env = tr.cfg, tr.env
+    model = unwrap(tr.model)
+    was_training = model.training
+    model.eval()
+    try:
+        q, ql = embed_split(tr, cfg.data.val_split)
+        q, ql = gather_rows(q, env.world), gather_rows(ql, env.world)  # every rank: all queries
+        train = tr.method.train_features() if cfg.eval.features == "bank" else None
+        if train is None:
+            train = embed_split(tr, cfg.data.train_split)
+        num_classes = cfg.data.num_classes or max(int(tr.source.num_classes), int(ql.max()) + 1)
+        res = knn_classify(q, ql, train[0], train[1], num_classes, k=cfg.eval.knn_k, sigma=cfg.eval.knn_sigma,
+                           distributed=env.world > 1)
+    finally:
+        model.train(was_training)
+    return {"knn_top1": res["top1"], "knn_top5": res["top5"]}
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _float_buffers(model: nn.Module) -> List[torch.Tensor]:
+    return [b for b in unwrap(model).buffers() if b.is_floating_point()]
+
+
+def _skip_step(tr: Trainer, snap, bufs, epoch: int) -> None:
+    """A non-finite loss: no backward, no optimiser step; BN running stats put back (the forward
+    already moved them); the bank and Z are left alone by ``method.after_step``."""
+    t = tr.cfg.train
+    tr.nonfinite, tr.skipped = tr.nonfinite + 1, tr.skipped + 1
+    for s, b in zip(snap, bufs):
+        b.copy_(s)
+    log0(tr.env, f"warning: non-finite loss at step {tr.step} (epoch {epoch}); step skipped, bank unchanged "
+                 f"({tr.nonfinite} in a row, limit train.max_nonfinite={t.max_nonfinite})")
+    if tr.nonfinite >= t.max_nonfinite:
+        raise NonFiniteLossError(
+            f"{tr.nonfinite} consecutive non-finite losses (train.max_nonfinite={t.max_nonfinite}) at step "
+            f"{tr.step}; stopped without saving. The last complete checkpoint in {tr.ckpt_dir} is intact: "
+            "lower train.lr, raise method.npid.T or use model.amp=off, then resume")
+
+
+def _log_step(tr: Trainer, log: MetricsLog, meter: Meter, epoch: int, loss: float, lr: float) -> None:
+    spe, t = len(tr.loader), tr.cfg.train
+    rec = {"kind": "train", "step": tr.step, "epoch": epoch + tr.loader.next_batch / spe,
+           "loss": loss if math.isfinite(loss) else None, "lr": lr, **meter.read(), "skipped": tr.skipped}
+    log.write(rec)
+    log0(tr.env, f"ep {epoch + 1}/{t.epochs} step {tr.step} ({tr.loader.next_batch}/{spe}) loss {loss:.4f} "
+                 f"lr {lr:.4g} {rec['images_per_s']:.0f} img/s/rank wait {100 * rec['data_wait']:.0f}%")
+    meter.reset()
+
+
+def _train_loop(tr: Trainer, log: MetricsLog) -> None:
+    cfg, t, env, loader = tr.cfg, tr.cfg.train, tr.env, tr.loader
+    spe = len(loader)
+    bufs = _float_buffers(tr.model)  # BN running stats, snapshot per step (~100 small copies for R50)
+    snap = [b.clone() for b in bufs]
+    meter, stop = Meter(cfg.loader.batch_size), False
+    tr.model.train()
+    while loader.epoch < t.epochs and not stop:
+        epoch, meter_t = loader.epoch, time.perf_counter()
+        for batch in loader:
+            meter.wait += time.perf_counter() - meter_t
+            lr = lr_at(tr.step, cfg, spe, tr.lr0)
+            for g in tr.optimizer.param_groups:
+                g["lr"] = lr
+            for s, b in zip(snap, bufs):
+                s.copy_(b)
+            with autocast_context(env.device.type, tr.amp):
+                out = tr.method(batch)
+            loss = float(out["loss"].detach())  # host sync: the non-finite guard needs it every step
+            tr.optimizer.zero_grad(set_to_none=True)
+            if math.isfinite(loss):
+                tr.scaler.scale(out["loss"]).backward()
+                tr.scaler.step(tr.optimizer)
+                tr.scaler.update()
+                tr.nonfinite = 0
+            else:
+                _skip_step(tr, snap, bufs, epoch)
+            tr.method.after_step(out)  # bank update, only for a finite loss
+            tr.step, meter.steps = tr.step + 1, meter.steps + 1
+            meter.loss_sum += loss if math.isfinite(loss) else 0.0
+            if tr.step % t.log_every == 0:
+                _log_step(tr, log, meter, epoch, loss, lr)
+            stop = t.max_steps > 0 and tr.step >= t.max_steps
+            if stop:
+                break
+            meter_t = time.perf_counter()
+        done = epoch + 1 if loader.next_batch in (0, spe) else epoch  # epochs completed
+        last = stop or done >= t.epochs
+        if t.eval_every and (last or (done > epoch and done % t.eval_every == 0)):
+            res = evaluate(tr)
+            log.write({"kind": "eval", "step": tr.step, "epoch": done, **res})
+            log0(env, f"ep {done}/{t.epochs} kNN top1 {res['knn_top1']:.2f} top5 {res['knn_top5']:.2f}")
+        if last or (t.ckpt_every and done > epoch and done % t.ckpt_every == 0):
+            tr.save()
+
+
+def train(cfg: Config, out_dir: str, resume: Optional[str] = None) -> Trainer:
+    """Train on this rank (call on every rank); returns the trainer (tests inspect its state)."""
+    env = init_distributed()
+    os.makedirs(out_dir, exist_ok=True)
+    tr = build_trainer(cfg, out_dir, env)
+    path = resolve_resume(resume or cfg.train.resume, tr.ckpt_dir)
+    if path is not None:
+        tr.load_state_dict(load_checkpoint(path, rank=env.rank, world_size=env.world))  # CPU; copied in
+        if tr.loader.next_batch >= len(tr.loader):  # stopped on an epoch's last batch
+            tr.loader.set_epoch(tr.loader.epoch + 1)
+        log0(env, f"resumed from {path} at step {tr.step} (epoch {tr.loader.epoch}, batch {tr.loader.next_batch})")
+    if env.rank == 0:
+        save_config(cfg, os.path.join(out_dir, "config.yaml"))
+        log0(env, f"fastinst train: {cfg.method.name} {cfg.model.arch} N={len(tr.source)} world={env.world} "
+                  f"batch {cfg.loader.batch_size}/rank lr {tr.lr0:.4g} amp={tr.amp} device={env.device} "
+                  f"{len(tr.loader)} steps/epoch")
+    log = MetricsLog(out_dir, env.rank, tr.step if path is not None else None)
+    try:
+        _train_loop(tr, log)
+    finally:
+        log.close()
+    return tr
+
+
+def evaluate_checkpoint(cfg: Config, path: str) -> Dict[str, float]:
+    """kNN accuracy of a saved checkpoint (``launch.py eval``); same world size as the save."""
+    env = init_distributed()
+    tr = build_trainer(cfg, os.path.dirname(os.path.abspath(path)), env)
+    state = load_checkpoint(path, rank=env.rank, world_size=env.world)
+    unwrap(tr.model).load_state_dict(state["model"])
+    tr.method.load_state_dict(state["method"])
+    tr.step = int(state["step"])
+    res = evaluate(tr)
+    return {"step": tr.step, **res}
+
+
+def main_guard(fn, *args, **kw):
+    """Run ``fn`` and always tear the process group down (torchrun restarts cleanly)."""
+    try:
+        return fn(*args, **kw)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

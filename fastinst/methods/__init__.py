@@ -1,0 +1,52 @@
+"""Method registry: each self-supervised method is one small module registered by name.
+
+A method is an ``nn.Module`` built by ``build_method(cfg, model, num_samples, ranks)``:
+
+- ``forward(batch) -> dict(loss=Tensor[], ...)``: embeddings of the batch's views and the
+  loss of the *global* batch (same value on every rank);
+- ``after_step(out) -> bool``: ``@torch.no_grad()`` state updates (memory bank, queues) made
+  after the optimiser step, only when ``out["loss"]`` is finite; returns whether it applied;
+- ``state_dict()``: everything resumable the method owns (bank shard, Z, noise RNG), not
+  the model's weights (the engine saves those);
+- ``train_features() -> (feats, labels) | None``: this rank's training features for kNN
+  evaluation without a recompute pass (NPID: its bank shard), or None.
+
+The engine never branches on the method's name (DESIGN.md, "one registry of methods").
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+_REGISTRY: Dict[str, Callable] = {}
+
+
+def register(name: str):
+    """Class decorator: ``@register("npid")`` makes the class buildable by ``method.name``."""
+
+    def deco(cls):
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method {name!r} is registered twice")
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def available() -> list:
+    _import_all()
+    return sorted(_REGISTRY)
+
+
+def _import_all() -> None:
+    from . import npid  # noqa: F401  (registers itself)
+
+
+def build_method(cfg, model, num_samples: int, ranks, *, labels=None, device=None):
+    """Instantiate ``cfg.method.name`` for a training set of ``num_samples`` images."""
+    _import_all()
+    name = cfg.method.name
+    if name not in _REGISTRY:
+        from ..config import ConfigError
+
+        raise ConfigError(f"config key 'method.name': unknown method {name!r}; choose one of {available()}")
+    return _REGISTRY[name].from_config(cfg, model, num_samples, ranks, labels=labels, device=device)

@@ -1,0 +1,246 @@
+"""NPID trainer end to end on tiny real JPEG datasets (CPU, ResNet-18 small stem, 16 px)."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from datagen import make_colour_zip, make_photo_zip
+from fastinst import engine
+from fastinst.checkpoint import find_latest_complete, list_complete, load_checkpoint
+from fastinst.config import ConfigError, load_config
+from fastinst.methods.npid import NPID
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = [
+    "loader.backend=torch", "loader.num_workers=1", "loader.batch_size=8", "loader.channels_last=false",
+    "aug.crops=[{count: 1, size: 16, scale: [0.2, 1.0]}]", "aug.eval_resize=16", "aug.eval_crop=16",
+    "aug.blur_p=0", "model.arch=resnet18", "model.stem=small",
+    "method.npid.K=16", "method.npid.T=0.1",
+    "train.epochs=2", "train.lr=0.03", "train.lr_batch=8", "train.milestones=[]", "train.log_every=1",
+    "train.eval_every=0",
+]
+
+
+def tiny_cfg(data, *over):
+    return load_config(None, TINY + [f"data.path={data}"] + list(over))
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("colours"))
+    make_colour_zip(root, n=32, size=(20, 20))
+    make_colour_zip(root, n=16, split="val", size=(20, 20))
+    return root
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
+
+
+def train_losses(out):
+    return [r["loss"] for r in read_metrics(out) if r["kind"] == "train"]
+
+
+def test_short_run_writes_metrics_and_checkpoints(colours, tmp_path):
+    out = str(tmp_path / "run")
+    cfg = tiny_cfg(colours, "train.epochs=4", "train.eval_every=2", "method.npid.K=0",
+                   "method.npid.loss=softmax")
+    tr = engine.train(cfg, out)
+    recs = read_metrics(out)
+    losses = [r["loss"] for r in recs if r["kind"] == "train"]
+    assert len(losses) == 4 * 4 and all(math.isfinite(x) for x in losses)
+    # NPID's loss first rises while the random bank rows are replaced by features, then falls.
+    assert min(losses[-4:]) < max(losses)
+    assert {"step", "epoch", "loss", "lr", "images_per_s", "data_wait"} <= set(recs[0])
+    evals = [r for r in recs if r["kind"] == "eval"]
+    assert [r["epoch"] for r in evals] == [2, 4]
+    assert all(0 <= r["knn_top1"] <= r["knn_top5"] <= 100 for r in evals)
+    assert os.path.isfile(os.path.join(out, "config.yaml"))
+    assert load_config(os.path.join(out, "config.yaml")) == cfg
+    assert [os.path.basename(p) for p in list_complete(os.path.join(out, "checkpoints"))] == \
+        ["ckpt_000000008", "ckpt_000000012", "ckpt_000000016"]
+    payload = load_checkpoint(find_latest_complete(os.path.join(out, "checkpoints")))
+    assert payload["step"] == 16 and payload["loader"]["epoch"] == 4
+    assert set(payload) >= {"model", "optimizer", "scaler", "loader", "method", "rng", "config"}
+    assert torch.equal(payload["method"]["bank.shard"], tr.method.bank.shard)
+
+
+def test_resume_reproduces_uninterrupted_run(colours, tmp_path):
+    a, b = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    over = ["method.npid.loss=nce", "method.npid.K=16", "method.npid.z=ema", "train.schedule=cosine",
+            "train.warmup_epochs=0.5"]
+    straight = engine.train(tiny_cfg(colours, *over), a)
+    first = engine.train(tiny_cfg(colours, *over, "train.max_steps=4"), b)  # 1 epoch, then stop
+    assert first.step == 4 and (first.loader.epoch, first.loader.next_batch) == (0, 4)
+    resumed = engine.train(tiny_cfg(colours, *over), b, resume="auto")
+    assert resumed.step == straight.step == 8
+    assert train_losses(b) == pytest.approx(train_losses(a), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(resumed.method.bank.shard, straight.method.bank.shard, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(resumed.method.criterion.nce.z, straight.method.criterion.nce.z)
+    for p, q in zip(resumed.model.parameters(), straight.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def _nan_at(monkeypatch, bad_calls):
+    """Make NPID.forward return a NaN loss on the given (0-based) calls; record bank changes."""
+    calls, seen = {"n": 0}, []
+    forward, after = NPID.forward, NPID.after_step
+
+    def fwd(self, batch):
+        self.z_at_forward = None if self.criterion.nce is None else self.criterion.nce.z.clone()
+        out = forward(self, batch)
+        if calls["n"] in bad_calls:
+            out["loss"] = out["loss"] * float("nan")
+        calls["n"] += 1
+        return out
+
+    def aft(self, out):
+        before = self.bank.shard.clone()
+        applied = after(self, out)
+        changed = not torch.equal(before, self.bank.shard)
+        z_same = self.z_at_forward is None or torch.equal(self.z_at_forward, self.criterion.nce.z)
+        seen.append((math.isfinite(float(out["loss"].detach())), applied, changed, z_same))
+        return applied
+
+    monkeypatch.setattr(NPID, "forward", fwd)
+    monkeypatch.setattr(NPID, "after_step", aft)
+    return seen
+
+
+def test_nonfinite_step_is_skipped(colours, tmp_path, monkeypatch):
+    seen = _nan_at(monkeypatch, {0, 5})  # the very first step: Z must not be estimated from it
+    out = str(tmp_path / "run")
+    tr = engine.train(tiny_cfg(colours, "method.npid.loss=nce"), out)
+    assert [s[0] for s in seen] == [i not in (0, 5) for i in range(8)]
+    for finite, applied, changed, z_same in seen:
+        assert applied == finite and changed == finite  # the bank moves only on finite steps
+        assert z_same or finite  # and so does NCE's Z (not estimated from the NaN first step)
+    assert not seen[1][3] and torch.isfinite(tr.method.criterion.nce.z) and tr.method.criterion.nce.z > 0
+    assert tr.skipped == 1 + 1 and tr.nonfinite == 0 and tr.step == 8
+    losses = train_losses(out)
+    assert losses[0] is None and losses[5] is None and all(math.isfinite(x) for x in losses[6:])
+    assert all(torch.isfinite(p).all() for p in tr.model.parameters())
+
+
+def test_consecutive_nonfinite_stops_and_keeps_checkpoint(colours, tmp_path, monkeypatch):
+    _nan_at(monkeypatch, set(range(5, 100)))  # epoch 1 (steps 0-3) is fine, then NaN forever
+    out = str(tmp_path / "run")
+    with pytest.raises(engine.NonFiniteLossError, match=r"3 consecutive non-finite.*max_nonfinite=3"):
+        engine.train(tiny_cfg(colours, "train.max_nonfinite=3", "train.epochs=3"), out)
+    ckpt = find_latest_complete(os.path.join(out, "checkpoints"))
+    assert os.path.basename(ckpt) == "ckpt_000000004"
+    payload = load_checkpoint(ckpt)
+    assert payload["step"] == 4 and payload["nonfinite"] == 0
+    assert torch.isfinite(payload["method"]["bank.shard"]).all()
+    monkeypatch.undo()
+    tr = engine.train(tiny_cfg(colours, "train.epochs=3"), out, resume="auto")  # resumes cleanly
+    assert tr.step == 12 and all(math.isfinite(x) for x in train_losses(out))
+
+
+def test_startup_checks(colours, tmp_path):
+    with pytest.raises(ConfigError, match=r"method\.npid\.K.*N=32"):
+        engine.train(tiny_cfg(colours, "method.npid.K=32"), str(tmp_path / "a"))
+    with pytest.raises(ConfigError, match=r"method\.npid\.K.*loss=nce"):
+        tiny_cfg(colours, "method.npid.K=0")
+
+
+def test_dali_backend_smoke(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    data = make_photo_zip(str(tmp_path / "photos"), n=24, val=8)
+    out = str(tmp_path / "run")
+    tr = engine.train(tiny_cfg(data, "loader.backend=dali", "loader.device=cpu", "loader.num_threads=1",
+                               "train.epochs=1", "train.eval_every=1"), out)
+    recs = read_metrics(out)
+    assert tr.step == 3 and all(math.isfinite(r["loss"]) for r in recs if r["kind"] == "train")
+    assert [r["kind"] for r in recs][-1] == "eval"
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(colours, tmp_path):
+    """2 gloo ranks x batch B == 1 process x batch 2B: same global batches (EpochSampler
+    'global' ownership splits one permutation rank::world), same losses, same sharded bank."""
+    over = ["train.lr_batch=16", "train.eval_every=2", "method.npid.loss=nce",
+            "method.npid.K=8", "method.npid.negatives=shared",  # order-free: ranks gather rows in another order
+            "aug.crops=[{count: 1, size: 16, scale: [1.0, 1.0], ratio: [1.0, 1.0]}]",  # deterministic views
+            "aug.flip_p=0", "aug.jitter_p=0", "aug.grey_p=0"]
+    worker = os.path.join(ROOT, "tests", "dist_train_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    runs = {}
+    for world, bs in ((1, 16), (2, 8)):
+        out = str(tmp_path / f"w{world}")
+        args = TINY + [f"data.path={colours}", f"loader.batch_size={bs}"] + over
+        launcher = [sys.executable] if world == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        proc = subprocess.Popen(launcher + [worker, out] + args, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            log, _ = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the ranks it started
+            log, _ = proc.communicate()
+            pytest.fail(f"{world}-process run timed out:\n{log[-3000:]}")
+        assert proc.returncode == 0, log[-3000:]
+        ckpt = find_latest_complete(os.path.join(out, "checkpoints"))
+        bank = torch.cat([load_checkpoint(ckpt, rank=i, world_size=world)["method"]["bank.shard"]
+                          for i in range(world)])
+        runs[world] = (read_metrics(out), bank)
+    (m1, bank1), (m2, bank2) = runs[1], runs[2]
+    l1 = [r["loss"] for r in m1 if r["kind"] == "train"]
+    l2 = [r["loss"] for r in m2 if r["kind"] == "train"]
+    assert len(l1) == len(l2) == 4
+    assert l2 == pytest.approx(l1, rel=1e-4)
+    torch.testing.assert_close(bank2, bank1, rtol=1e-4, atol=1e-5)
+    e1, e2 = ([r for r in m if r["kind"] == "eval"][-1] for m in (m1, m2))
+    assert e1["knn_top1"] == e2["knn_top1"] and e1["knn_top5"] == e2["knn_top5"]
+
+
+def test_lr_schedule_warmup_step_cosine():
+    cfg = load_config(None, ["train.epochs=10", "train.milestones=[4, 8]", "train.warmup_epochs=1", "train.lr=0.1",
+                             "train.lr_batch=256", "loader.batch_size=64"])
+    lr0 = engine.base_lr(cfg, world=8)  # global batch 512 -> 2x the quoted lr
+    assert lr0 == pytest.approx(0.2)
+    lrs = [engine.lr_at(s, cfg, 10, lr0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.02) and lrs[9] == pytest.approx(0.2)  # linear warm-up over epoch 0
+    assert lrs[39] == pytest.approx(0.2) and lrs[40] == pytest.approx(0.02) and lrs[80] == pytest.approx(0.002)
+    cos = load_config(None, ["train.epochs=10", "train.schedule=cosine", "train.milestones=[]"])
+    lrs = [engine.lr_at(s, cos, 10, 1.0) for s in range(101)]
+    assert lrs[0] == 1.0 and lrs[50] == pytest.approx(0.5) and lrs[100] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+@pytest.mark.parametrize("override, match", [
+    ("method.npid.loss=hinge", r"'method\.npid\.loss': must be one of \['nce', 'softmax'\]"),
+    ("method.npid.T=0", r"'method\.npid\.T': temperature must be > 0"),
+    ("method.name=pic", r"'method\.name': must be one of \['npid'\]"),
+    ("model.arch=vgg16", r"'model\.arch': must be one of"),
+    ("model.amp=fp8", r"'model\.amp'"),
+    ("train.milestones=[160, 120]", r"'train\.milestones': must be positive epochs in increasing order"),
+    ("train.warmup_epochs=300", r"'train\.warmup_epochs'"),
+    ("eval.features=both", r"'eval\.features': must be one of \['bank', 'recompute'\]"),
+    ("train.lr_rate=1", r"unknown config key 'train\.lr_rate'"),
+])
+def test_training_config_errors_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_shipped_npid_configs_match_the_seeds():
+    r50 = load_config(os.path.join(ROOT, "configs", "npid_imagenet_r50.yaml"))
+    n = r50.method.npid
+    assert (n.K, n.T, n.momentum, n.loss) == (4096, 0.07, 0.5, "nce")
+    t = r50.train
+    assert (t.lr, t.lr_batch, t.epochs, t.milestones, t.weight_decay) == (0.03, 256, 200, (120, 160), 1e-4)
+    assert (r50.aug.crops[0].scale, r50.aug.jitter, r50.aug.jitter_p, r50.aug.grey_p, r50.aug.blur_p) == \
+        ((0.2, 1.0), (0.4,) * 4, 1.0, 0.2, 0.0)
+    fm = load_config(os.path.join(ROOT, "configs", "npid_fmnist.yaml"))
+    assert (fm.method.npid.K, fm.method.npid.loss, fm.method.npid.T, fm.train.weight_decay) == (0, "softmax", 0.1, 5e-4)
+    assert fm.model.stem == "small" and fm.aug.crops[0].size == fm.aug.eval_crop == 28
