@@ -62,7 +62,27 @@ def _cmd_train(args) -> int:
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides)
     main_guard(train, cfg, args.out)
+    if int(os.environ.get("RANK", 0)) == 0:
+        _print_knn_summary(os.path.join(args.out, "metrics.jsonl"))
     return 0
+
+
+def _print_knn_summary(path: str) -> None:
+    """The run's kNN results in one place: random init (if evaluated) and the last evaluation."""
+    import json
+
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        evals = [r for r in map(json.loads, f) if r.get("kind") == "eval"]
+    init = [r for r in evals if r.get("init")]
+    trained = [r for r in evals if not r.get("init")]
+    if trained:
+        r = trained[-1]
+        line = f"kNN top-1 {r['knn_top1']:.2f}% (top-5 {r['knn_top5']:.2f}%) after epoch {r['epoch']}"
+        if init:
+            line += f"; random-init network: top-1 {init[-1]['knn_top1']:.2f}%"
+        print(line)
 
 
 def _cmd_eval(args) -> int:

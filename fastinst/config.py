@@ -272,6 +272,9 @@ class EvalConfig:
     knn_sigma: float = 0.07
     # bank: train features are the memory bank rows; recompute: one pass of the eval transform.
     features: Literal["bank", "recompute"] = "bank"
+    # Also evaluate the untrained network (recomputed features) before the first step: the
+    # random-init baseline a trained model must beat.
+    at_start: bool = False
 
     def __post_init__(self):
         _check(self.knn_k >= 1, "eval.knn_k", "must be >= 1 (NPID uses 200)")

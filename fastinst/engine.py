@@ -355,16 +355,17 @@ def embed_split(tr: Trainer, split: str):
 
 
 @torch.no_grad()
-def evaluate(tr: Trainer) -> Dict[str, float]:
+def evaluate(tr: Trainer, features: Optional[str] = None) -> Dict[str, float]:
     """Weighted kNN (NPID protocol): val embeddings vs bank rows or recomputed train embeddings."""
     cfg, env = tr.cfg, tr.env
+    features = features or cfg.eval.features
     model = unwrap(tr.model)
     was_training = model.training
     model.eval()
     try:
         q, ql = embed_split(tr, cfg.data.val_split)
         q, ql = gather_rows(q, env.world), gather_rows(ql, env.world)  # every rank: all queries
-        train = tr.method.train_features() if cfg.eval.features == "bank" else None
+        train = tr.method.train_features() if features == "bank" else None
         if train is None:
             train = embed_split(tr, cfg.data.train_split)
         num_classes = cfg.data.num_classes or max(int(tr.source.num_classes), int(ql.max()) + 1)
@@ -414,6 +415,10 @@ def _train_loop(tr: Trainer, log: MetricsLog) -> None:
     bufs = _float_buffers(tr.model)  # BN running stats, snapshot per step (~100 small copies for R50)
     snap = [b.clone() for b in bufs]
     meter, stop = Meter(cfg.loader.batch_size), False
+    if cfg.eval.at_start and tr.step == 0:
+        res = evaluate(tr, features="recompute")  # the bank is still random: use the network itself
+        log.write({"kind": "eval", "step": 0, "epoch": 0, "init": True, **res})
+        log0(env, f"random init: kNN top1 {res['knn_top1']:.2f} top5 {res['knn_top5']:.2f} (recomputed features)")
     tr.model.train()
     while loader.epoch < t.epochs and not stop:
         epoch, meter_t = loader.epoch, time.perf_counter()

@@ -132,14 +132,25 @@ class TorchLoader(LoaderBase):
         super().__init__(source, sampler, batch_size=batch_size, drop_last=drop_last, on_error=on_error,
                          seed=seed, rank=rank)
         self.num_workers = num_workers or default_threads(local_world)
-        self.dataset = MultiViewDataset(source, aug, mode, seed * 31 + rank, channels_last, fp16, on_error)
+        self.dataset = MultiViewDataset(source, aug, mode, seed, channels_last, fp16, on_error)  # rank-free: same views at any world size
         use_cuda = torch.cuda.is_available() and device != "cpu"
         self.to_gpu = use_cuda
-        self.dl = tud.DataLoader(self.dataset, batch_sampler=_PlanSampler(self), num_workers=self.num_workers,
-                                 collate_fn=_Collate(channels_last),
-                                 pin_memory=use_cuda if pin_memory is None else pin_memory,
-                                 prefetch_factor=prefetch if self.num_workers > 0 else None,
-                                 persistent_workers=self.num_workers > 0)
+        self._dl_kwargs = dict(batch_sampler=_PlanSampler(self), num_workers=self.num_workers,
+                               collate_fn=_Collate(channels_last),
+                               pin_memory=use_cuda if pin_memory is None else pin_memory,
+                               prefetch_factor=prefetch if self.num_workers > 0 else None,
+                               persistent_workers=self.num_workers > 0)
+        self._dl = None
+
+    @property
+    def dl(self) -> tud.DataLoader:
+        if self._dl is None:  # built lazily, again after close()
+            self._dl = tud.DataLoader(self.dataset, **self._dl_kwargs)
+        return self._dl
+
+    def close(self) -> None:
+        """Stop the persistent worker processes (dropping the DataLoader shuts them down)."""
+        self._dl = None
 
     def _iter_epoch(self):
         plan = self.plan(self.epoch)

@@ -243,4 +243,4 @@ def test_shipped_npid_configs_match_the_seeds():
         ((0.2, 1.0), (0.4,) * 4, 1.0, 0.2, 0.0)
     fm = load_config(os.path.join(ROOT, "configs", "npid_fmnist.yaml"))
     assert (fm.method.npid.K, fm.method.npid.loss, fm.method.npid.T, fm.train.weight_decay) == (0, "softmax", 0.1, 5e-4)
-    assert fm.model.stem == "small" and fm.aug.crops[0].size == fm.aug.eval_crop == 28
+    assert fm.aug.crops[0].size == fm.aug.eval_crop == 28 and fm.eval.at_start
