@@ -399,13 +399,21 @@ def _skip_step(tr: Trainer, snap, bufs, epoch: int) -> None:
             "lower train.lr, raise method.npid.T or use model.amp=off, then resume")
 
 
+def cfg_batch(tr: Trainer) -> int:
+    return tr.cfg.loader.batch_size
+
+
 def _log_step(tr: Trainer, log: MetricsLog, meter: Meter, epoch: int, loss: float, lr: float) -> None:
     spe, t = len(tr.loader), tr.cfg.train
     rec = {"kind": "train", "step": tr.step, "epoch": epoch + tr.loader.next_batch / spe,
            "loss": loss if math.isfinite(loss) else None, "lr": lr, **meter.read(), "skipped": tr.skipped}
     log.write(rec)
-    log0(tr.env, f"ep {epoch + 1}/{t.epochs} step {tr.step} ({tr.loader.next_batch}/{spe}) loss {loss:.4f} "
-                 f"lr {lr:.4g} {rec['images_per_s']:.0f} img/s/rank wait {100 * rec['data_wait']:.0f}%")
+    done = tr.loader.next_batch / max(spe, 1)
+    bar = "#" * int(20 * done) + "." * (20 - int(20 * done))  # progress through this epoch
+    left = (spe - tr.loader.next_batch) * cfg_batch(tr) / max(rec["images_per_s"], 1e-9)
+    log0(tr.env, f"ep {epoch + 1}/{t.epochs} [{bar}] step {tr.step} ({tr.loader.next_batch}/{spe}) "
+                 f"loss {loss:.4f} lr {lr:.4g} {rec['images_per_s']:.0f} img/s/rank "
+                 f"wait {100 * rec['data_wait']:.0f}% epoch ETA {left:.0f}s")
     meter.reset()
 
 
