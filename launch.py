@@ -12,6 +12,10 @@
     torchrun --nnodes=4 --node_rank=$NODE_RANK --nproc_per_node=8 --master_addr=$MASTER --master_port=29500 \
         launch.py train --config configs/npid_imagenet_r50.yaml --out runs/npid_r50 data.path=data/imagenet-zip
     python launch.py eval --config configs/npid_fmnist.yaml --checkpoint runs/npid_fmnist/checkpoints/ckpt_000002340
+    python launch.py linear --config configs/npid_fmnist.yaml --checkpoint runs/npid_fmnist --out runs/npid_fmnist/linear
+    torchrun --nproc_per_node=8 launch.py linear --config configs/npid_imagenet_r50.yaml \
+        --checkpoint runs/npid_r50/checkpoints/ckpt_000100000 --out runs/npid_r50/linear loader.batch_size=32
+    python launch.py export --checkpoint runs/npid_r50 --out runs/npid_r50/resnet50_backbone.pth
 
 Settings after the options are dotted config overrides (``key.sub=value``). Under torchrun
 the process reads RANK, LOCAL_RANK, WORLD_SIZE and MASTER_ADDR from its environment only.
@@ -98,6 +102,37 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_linear(args) -> int:
+    import json
+
+    from fastinst.config import load_config
+    from fastinst.engine import main_guard
+    from fastinst.linear import linear_probe
+
+    overrides = list(args.overrides) + ([f"linear.resume={args.resume}"] if args.resume else [])
+    cfg = load_config(args.config, overrides)
+    res = main_guard(linear_probe, cfg, args.checkpoint, args.out)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"linear probe: top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}% after epoch {res['epoch']:g} "
+              f"(best top-1 {res['best_top1']:.2f}%)")
+        print(json.dumps(res))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    import json
+
+    from fastinst.config import load_config
+    from fastinst.linear import export_backbone
+
+    if args.overrides and not args.config:
+        raise SystemExit("export: config overrides need --config (the architecture comes from the checkpoint)")
+    cfg = load_config(args.config, args.overrides) if args.config else None
+    if int(os.environ.get("RANK", 0)) == 0:  # one writer under torchrun
+        print(json.dumps(export_backbone(args.checkpoint, args.out, cfg)))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="launch.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,6 +170,24 @@ def main(argv=None) -> int:
     pe.add_argument("--checkpoint", required=True, help="a ckpt_* directory with a COMPLETE marker")
     pe.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     pe.set_defaults(func=_cmd_eval)
+
+    pl = sub.add_parser("linear", help="linear probe on the frozen backbone of a checkpoint (PIC main_linear.py)")
+    pl.add_argument("--config", required=True)
+    pl.add_argument("--checkpoint", required=True,
+                    help="a ckpt_* directory with a COMPLETE marker, or a run directory (its newest checkpoint); "
+                         "any world size")
+    pl.add_argument("--out", required=True, help="probe directory (config.yaml, metrics.jsonl, checkpoints/)")
+    pl.add_argument("--resume", default=None, help="auto, none or a probe checkpoint; default: linear.resume (auto)")
+    pl.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+    pl.set_defaults(func=_cmd_linear)
+
+    px = sub.add_parser("export", help="write a checkpoint's backbone as a torchvision ResNet state_dict")
+    px.add_argument("--checkpoint", required=True, help="a ckpt_* directory or a run directory (its newest)")
+    px.add_argument("--out", required=True, help="output .pth (strict=False load misses only fc.*)")
+    px.add_argument("--config", default=None,
+                    help="optional: check model.arch / model.stem against the checkpoint's own config")
+    px.add_argument("overrides", nargs="*", help="key.sub=value config overrides (with --config)")
+    px.set_defaults(func=_cmd_export)
 
     # Overrides may also follow options given after them (``--out D k=v --resume auto k2=v2``).
     args, extra = p.parse_known_args(argv)

@@ -41,6 +41,7 @@ __all__ = [
     "save_checkpoint",
     "list_complete",
     "find_latest_complete",
+    "saved_world_size",
     "load_checkpoint",
 ]
 
@@ -227,6 +228,25 @@ def find_latest_complete(directory: str) -> Optional[str]:
     """The complete checkpoint with the highest step, or None (``--resume auto``)."""
     complete = list_complete(directory)
     return complete[-1] if complete else None
+
+
+def saved_world_size(path: str) -> int:
+    """World size that wrote the complete checkpoint ``path`` (read from its marker).
+
+    Replicated state (the model: DDP keeps it identical on every rank) can be read from
+    ``rank0.pt`` at any world size, e.g. by the linear probe and the backbone export.
+    """
+    marker = os.path.join(path, MARKER)
+    if not os.path.isfile(marker):
+        raise CheckpointError(
+            f"{path} is not a complete checkpoint (no {MARKER} marker); pass a ckpt_* directory "
+            "with a marker, e.g. the newest one in <run>/checkpoints"
+        )
+    try:
+        with open(marker, "rb") as f:
+            return int(json.loads(f.read().decode())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint marker {marker} is unreadable: {e}") from e
 
 
 def load_checkpoint(

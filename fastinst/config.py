@@ -217,9 +217,63 @@ class NPIDConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PICConfig:
+    """PIC (Cao et al. 2020; bl0/PIC scripts/PIC.sh). Window / stride live in sampler.*."""
+
+    T: float = 0.2  # --contrast-temperature 0.2 (cosine logits / T)
+    # 0 = full softmax over all N classifier rows (the released PIC); K > 0 = softmax over the
+    # batch's positives plus K sampled rows shared by the global batch, with the lazy
+    # weight-update correction for rows not sampled (the paper's unreleased variant).
+    negatives: int = 0
+    # recent: the K most recently visited instances (a FIFO of global batch indices; with the
+    # sliding-window sampler these are rows of the current window); uniform: K rows drawn
+    # uniformly from all N each step.
+    sampling: Literal["recent", "uniform"] = "recent"
+    # Per-element std of the initial classifier rows (PIC: nn.init.normal_(sim_matrix, 0, 0.01)).
+    # Rows are normalised in the logits, so |w| only sets the effective step size (~1/|w|^2):
+    # unit-norm rows would learn ~100x slower than PIC's.
+    init_std: float = 0.01
+
+    def __post_init__(self):
+        _check(self.T > 0, "method.pic.T", "temperature must be > 0 (PIC uses 0.2)")
+        _check(self.init_std > 0, "method.pic.init_std", "must be > 0 (PIC uses 0.01)")
+        _check(self.negatives >= 0, "method.pic.negatives", "must be >= 0 (0 = full softmax)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoCoConfig:
+    """MoCo v2 (Chen et al. 2020; facebookresearch/moco main_moco.py --moco-k/-m/-t, --mlp)."""
+
+    K: int = 65536  # queue size; a multiple of the global batch (checked at start-up)
+    m: float = 0.999  # key-encoder momentum
+    T: float = 0.2
+    # Shuffling BN across ranks for the key encoder (MoCo Sec. 3.3); set false when
+    # model.sync_bn=true (statistics over all ranks need no shuffle).
+    shuffle_bn: bool = True
+
+    def __post_init__(self):
+        _check(self.K >= 1, "method.moco.K", "must be >= 1 (MoCo v2 uses 65536)")
+        _check(0.0 <= self.m < 1.0, "method.moco.m", "must lie in [0, 1) (MoCo uses 0.999)")
+        _check(self.T > 0, "method.moco.T", "temperature must be > 0 (MoCo v2 uses 0.2)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimCLRConfig:
+    """SimCLR (Chen et al. 2020; NT-Xent over all ranks' samples)."""
+
+    T: float = 0.1  # PIC scripts/SimCLR.sh --contrast-temperature 0.1; the paper sweeps 0.1-0.5
+
+    def __post_init__(self):
+        _check(self.T > 0, "method.simclr.T", "temperature must be > 0 (SimCLR uses 0.1-0.5)")
+
+
+@dataclass(frozen=True, kw_only=True)
 class MethodConfig:
-    name: Literal["npid"] = "npid"
+    name: Literal["npid", "pic", "moco", "simclr"] = "npid"
     npid: NPIDConfig = field(default_factory=NPIDConfig)
+    pic: PICConfig = field(default_factory=PICConfig)
+    moco: MoCoConfig = field(default_factory=MoCoConfig)
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -230,6 +284,10 @@ class TrainConfig:
     lr_batch: int = 256
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    # sgd: torch SGD (weight decay on every parameter, as lemniscate / PIC); lars: LARS
+    # (fastinst/simclr.py; biases and BN excluded from decay and adaptation, as SimCLR).
+    optimizer: Literal["sgd", "lars"] = "sgd"
+    lars_eta: float = 1e-3  # LARS trust coefficient
     schedule: Literal["step", "cosine"] = "step"
     milestones: Tuple[int, ...] = (120, 160)  # epochs (step schedule)
     gamma: float = 0.1
@@ -251,6 +309,7 @@ class TrainConfig:
         _check(self.lr_batch >= 1, "train.lr_batch", "must be >= 1 (the batch train.lr is quoted for)")
         _check(0.0 <= self.momentum < 1.0, "train.momentum", "must lie in [0, 1)")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(self.lars_eta > 0, "train.lars_eta", "must be > 0 (SimCLR uses 0.001)")
         _check(list(self.milestones) == sorted(self.milestones) and all(m > 0 for m in self.milestones),
                "train.milestones", f"must be positive epochs in increasing order, got {list(self.milestones)}")
         _check(0.0 < self.gamma <= 1.0, "train.gamma", "must lie in (0, 1]")
@@ -282,6 +341,65 @@ class EvalConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LinearConfig:
+    """Linear probe on frozen pooled backbone features (``launch.py linear``, fastinst/linear.py).
+
+    Defaults are PIC's linear stage (main_linear.py, contrast/option.py with stage='linear'):
+    SGD lr 30 for a batch of 256, momentum 0.9, no weight decay, cosine over 100 epochs with a
+    5-epoch warm-up starting at lr/100 (--warmup-epoch 5, --warmup-multiplier 100); train views
+    are its 'NULL' augmentation (random-resized crop of scale (0.08, 1) + flip, no colour
+    jitter); val uses the eval transform (aug.eval_resize / aug.eval_crop). The batch size per
+    rank is loader.batch_size.
+    """
+
+    epochs: int = 100
+    # Learning rate for a global batch of lr_batch images; scaled linearly by the global batch.
+    lr: float = 30.0
+    lr_batch: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: Literal["cosine", "step"] = "cosine"
+    milestones: Tuple[int, ...] = (60, 80)  # epochs, step schedule (MoCo lincls' 100-epoch recipe)
+    gamma: float = 0.1
+    warmup_epochs: float = 5.0
+    warmup_start: float = 0.01  # first warm-up step runs at lr * warmup_start (PIC: 1 / multiplier 100)
+    crop_scale: Tuple[float, float] = (0.08, 1.0)
+    crop_size: int = 0  # 0 = aug.eval_crop (224 for ImageNet)
+    flip_p: float = 0.5
+    log_every: int = 50  # steps
+    eval_every: int = 1  # epochs; the last epoch is always evaluated
+    ckpt_every: int = 1  # epochs; 0 = only at the end
+    keep: int = 2  # complete linear-head checkpoints kept on disk
+    max_steps: int = 0  # > 0 stops early (smoke runs); evaluated and checkpointed at the stop
+    # auto: the newest complete checkpoint in <out>/checkpoints if any; none; or a path.
+    resume: str = "auto"
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, "linear.epochs", "must be >= 1 (PIC uses 100)")
+        _check(self.lr > 0, "linear.lr", "must be > 0 (PIC uses 30 for a batch of 256)")
+        _check(self.lr_batch >= 1, "linear.lr_batch", "must be >= 1 (the batch linear.lr is quoted for)")
+        _check(0.0 <= self.momentum < 1.0, "linear.momentum", "must lie in [0, 1)")
+        _check(self.weight_decay >= 0, "linear.weight_decay", "must be >= 0 (PIC uses 0)")
+        _check(list(self.milestones) == sorted(self.milestones) and all(m > 0 for m in self.milestones),
+               "linear.milestones", f"must be positive epochs in increasing order, got {list(self.milestones)}")
+        _check(0.0 < self.gamma <= 1.0, "linear.gamma", "must lie in (0, 1]")
+        _check(0.0 <= self.warmup_epochs < self.epochs, "linear.warmup_epochs",
+               "must lie in [0, linear.epochs); set linear.warmup_epochs=0 for short runs")
+        _check(0.0 < self.warmup_start <= 1.0, "linear.warmup_start", "must lie in (0, 1] (PIC: 0.01)")
+        lo, hi = self.crop_scale
+        _check(0.0 < lo <= hi <= 1.0, "linear.crop_scale", f"needs 0 < lo <= hi <= 1, got {self.crop_scale}")
+        _check(self.crop_size == 0 or self.crop_size >= 8, "linear.crop_size",
+               "must be 0 (= aug.eval_crop) or >= 8 pixels")
+        _check(0.0 <= self.flip_p <= 1.0, "linear.flip_p", f"is a probability, got {self.flip_p}")
+        _check(self.log_every >= 1, "linear.log_every", "must be >= 1")
+        _check(self.eval_every >= 1, "linear.eval_every", "must be >= 1 (the probe's output is its accuracy)")
+        _check(self.ckpt_every >= 0, "linear.ckpt_every", "must be >= 0 (0 = only at the end)")
+        _check(self.keep >= 1, "linear.keep", "must be >= 1")
+        _check(self.max_steps >= 0, "linear.max_steps", "must be >= 0 (0 = no limit)")
+        _check(bool(self.resume), "linear.resume", "use auto, none or a linear checkpoint directory")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     name: str = "fastinst"
     seed: int = 0
@@ -294,11 +412,25 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
 
     def __post_init__(self):
         if self.sampler.kind == "sliding_window":
             _check(self.sampler.window >= self.loader.batch_size, "sampler.window",
                    "must be >= loader.batch_size (one window holds many batches)")
+        self._check_method_views()
+
+    def _check_method_views(self) -> None:
+        """Views each method needs (the loader cuts them; the method cannot fix them later)."""
+        name, views = self.method.name, self.aug.num_views
+        if name in ("moco", "simclr"):
+            _check(views == 2, "aug.crops",
+                   f"method.name={name} needs exactly 2 views per image (a query/key or positive pair), "
+                   f"got {views}; use aug.crops=[{{count: 2, size: 224, scale: [0.2, 1.0]}}]")
+        if name == "moco":
+            _check(not (self.method.moco.shuffle_bn and self.model.sync_bn), "method.moco.shuffle_bn",
+                   "and model.sync_bn are both true; SyncBN already mixes statistics over all ranks, "
+                   "set method.moco.shuffle_bn=false (or model.sync_bn=false)")
 
 
 # --------------------------------------------------------------------------- building

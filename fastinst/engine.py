@@ -119,24 +119,48 @@ def base_lr(cfg: Config, world: int) -> float:
 
 
 def build_optimizer(cfg: Config, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "lars":
+        # SimCLR / PIC --optimizer lars: biases and BN parameters get neither decay nor adaptation.
+        from .simclr import LARS
+
+        return LARS(model.parameters(), lr=lr, momentum=t.momentum, weight_decay=t.weight_decay, eta=t.lars_eta)
     # Weight decay on every parameter, as lemniscate / PIC do.
     fast = {"fused": True} if next(model.parameters()).is_cuda else {"foreach": True}
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.train.momentum,
-                           weight_decay=cfg.train.weight_decay, **fast)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=t.momentum, weight_decay=t.weight_decay, **fast)
 
 
-def lr_at(step: int, cfg: Config, steps_per_epoch: int, lr0: float) -> float:
+def scaled_epochs(epochs: float, epoch_scale: float) -> float:
+    """Loader epochs that make ``epochs`` passes over the data. With PIC's sliding window one
+    loader epoch is one window, epoch_scale = N/window, and PIC's main_pretrain.py rounds
+    epochs and warm-up up to whole windows (math.ceil); scale 1 leaves them untouched."""
+    return epochs if epoch_scale == 1.0 else math.ceil(epochs * epoch_scale - 1e-9)
+
+
+def loader_epoch_scale(loader, num_samples: int, world: int) -> float:
+    """Loader epochs per pass over the data, from the sampler's per-rank epoch length
+    (``min_len``: n/world for the epoch sampler -> 1.0; window/world for the sliding window
+    -> N/window). The same for every method and sampler: no branch on either's name."""
+    per_epoch = getattr(getattr(loader, "sampler", None), "min_len", None)
+    if not per_epoch:
+        return 1.0
+    return (num_samples // world) / per_epoch
+
+
+def lr_at(step: int, cfg: Config, steps_per_epoch: int, lr0: float, epoch_scale: float = 1.0) -> float:
     """Per-step learning rate: linear warm-up, then step decay (by whole epochs, as the
-    seeds' MultiStepLR) or a cosine to zero over the remaining steps."""
+    seeds' MultiStepLR) or a cosine to zero over the remaining steps. ``steps_per_epoch`` is
+    per loader epoch; train.epochs / warmup_epochs / milestones count passes over the data,
+    ``epoch_scale`` loader epochs per pass (see `loader_epoch_scale`)."""
     t = cfg.train
-    warm = int(round(t.warmup_epochs * steps_per_epoch))
+    warm = int(round(scaled_epochs(t.warmup_epochs, epoch_scale) * steps_per_epoch))
     if step < warm:
         return lr0 * (step + 1) / warm
     if t.schedule == "cosine":
-        total = t.epochs * steps_per_epoch
+        total = scaled_epochs(t.epochs, epoch_scale) * steps_per_epoch
         p = min(1.0, (step - warm) / max(1, total - warm))
         return lr0 * 0.5 * (1.0 + math.cos(math.pi * p))
-    epoch = step // steps_per_epoch
+    epoch = step // steps_per_epoch if epoch_scale == 1.0 else step / (steps_per_epoch * epoch_scale)
     return lr0 * t.gamma ** sum(epoch >= m for m in t.milestones)
 
 
@@ -165,6 +189,10 @@ class EvalData:
     def check(self) -> None:
         if self.cfg.train.eval_every > 0:
             self.loader(self.cfg.data.val_split)  # start-up: the val split exists and is readable
+
+    def close(self) -> None:
+        for ld in self._loaders.values():
+            ld.close()
 
     def loader(self, split: str):
         if split not in self._loaders:
@@ -274,27 +302,50 @@ class Trainer:
     step: int = 0
     nonfinite: int = 0  # consecutive non-finite steps
     skipped: int = 0  # all non-finite steps of the run
+    extra_optimizers: List[torch.optim.Optimizer] = field(default_factory=list)  # method-owned (PIC's LazySGD)
+    epoch_scale: float = 1.0  # loader epochs per pass over the data (sliding window: N/window)
 
     @property
     def ckpt_dir(self) -> str:
         return os.path.join(self.out_dir, "checkpoints")
 
+    @property
+    def optimizers(self) -> List[torch.optim.Optimizer]:
+        return [self.optimizer] + list(self.extra_optimizers)
+
+    @property
+    def loader_epochs(self) -> int:
+        """Loader epochs the run lasts: train.epochs passes over the data."""
+        return int(scaled_epochs(self.cfg.train.epochs, self.epoch_scale))
+
+    def passes(self, loader_epochs: int) -> int:
+        """Whole passes over the data after ``loader_epochs`` loader epochs."""
+        return math.floor(loader_epochs / self.epoch_scale + 1e-9)
+
     def state_dict(self) -> dict:
         return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "step": self.step, "nonfinite": self.nonfinite,
                 "skipped": self.skipped, "loader": self.loader.state_dict(), "method": self.method.state_dict(),
-                "rng": rng_state(), "config": to_dict(self.cfg)}
+                "rng": rng_state(), "config": to_dict(self.cfg),
+                "extra_optimizers": [o.state_dict() for o in self.extra_optimizers]}
 
     def load_state_dict(self, state: dict) -> None:
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.method.load_state_dict(state["method"])
+        for opt, st in zip(self.extra_optimizers, state.get("extra_optimizers", [])):
+            opt.load_state_dict(st)
         self.loader.load_state_dict(state["loader"])
         self.step, self.nonfinite, self.skipped = int(state["step"]), int(state["nonfinite"]), int(state["skipped"])
         set_rng_state(state["rng"])
 
+    def close_loaders(self) -> None:
+        self.loader.close()
+        self.evals.close()
+
     def save(self) -> str:
+        self.method.flush()  # lazily-updated method state (PIC's skipped rows) made current
         return save_checkpoint(self.ckpt_dir, self.step, self.state_dict(), rank=self.env.rank,
                                world_size=self.env.world, keep=self.cfg.train.keep)
 
@@ -312,7 +363,9 @@ def build_trainer(cfg: Config, out_dir: str, env: DistEnv) -> Trainer:
     amp = resolve_amp(cfg, env.device)
     return Trainer(cfg=cfg, env=env, out_dir=out_dir, model=model, method=method,
                    optimizer=build_optimizer(cfg, model, lr0), scaler=make_grad_scaler(amp, env.device.type),
-                   amp=amp, loader=loader, source=source, evals=evals, lr0=lr0)
+                   amp=amp, loader=loader, source=source, evals=evals, lr0=lr0,
+                   extra_optimizers=list(method.extra_optimizers(lr0)),
+                   epoch_scale=loader_epoch_scale(loader, len(source), env.world))
 
 
 def resolve_resume(resume: str, ckpt_dir: str) -> Optional[str]:
@@ -359,6 +412,7 @@ def evaluate(tr: Trainer, features: Optional[str] = None) -> Dict[str, float]:
     """Weighted kNN (NPID protocol): val embeddings vs bank rows or recomputed train embeddings."""
     cfg, env = tr.cfg, tr.env
     features = features or cfg.eval.features
+    tr.method.flush()  # e.g. PIC's classifier rows, read as kNN train features
     model = unwrap(tr.model)
     was_training = model.training
     model.eval()
@@ -396,7 +450,7 @@ def _skip_step(tr: Trainer, snap, bufs, epoch: int) -> None:
         raise NonFiniteLossError(
             f"{tr.nonfinite} consecutive non-finite losses (train.max_nonfinite={t.max_nonfinite}) at step "
             f"{tr.step}; stopped without saving. The last complete checkpoint in {tr.ckpt_dir} is intact: "
-            "lower train.lr, raise method.npid.T or use model.amp=off, then resume")
+            "lower train.lr, raise the method's temperature T or use model.amp=off, then resume")
 
 
 def cfg_batch(tr: Trainer) -> int:
@@ -411,7 +465,7 @@ def _log_step(tr: Trainer, log: MetricsLog, meter: Meter, epoch: int, loss: floa
     done = tr.loader.next_batch / max(spe, 1)
     bar = "#" * int(20 * done) + "." * (20 - int(20 * done))  # progress through this epoch
     left = (spe - tr.loader.next_batch) * cfg_batch(tr) / max(rec["images_per_s"], 1e-9)
-    log0(tr.env, f"ep {epoch + 1}/{t.epochs} [{bar}] step {tr.step} ({tr.loader.next_batch}/{spe}) "
+    log0(tr.env, f"ep {epoch + 1}/{tr.loader_epochs} [{bar}] step {tr.step} ({tr.loader.next_batch}/{spe}) "
                  f"loss {loss:.4f} lr {lr:.4g} {rec['images_per_s']:.0f} img/s/rank "
                  f"wait {100 * rec['data_wait']:.0f}% epoch ETA {left:.0f}s")
     meter.reset()
@@ -428,27 +482,31 @@ def _train_loop(tr: Trainer, log: MetricsLog) -> None:
         log.write({"kind": "eval", "step": 0, "epoch": 0, "init": True, **res})
         log0(env, f"random init: kNN top1 {res['knn_top1']:.2f} top5 {res['knn_top5']:.2f} (recomputed features)")
     tr.model.train()
-    while loader.epoch < t.epochs and not stop:
+    while loader.epoch < tr.loader_epochs and not stop:
         epoch, meter_t = loader.epoch, time.perf_counter()
         for batch in loader:
             meter.wait += time.perf_counter() - meter_t
-            lr = lr_at(tr.step, cfg, spe, tr.lr0)
-            for g in tr.optimizer.param_groups:
-                g["lr"] = lr
+            lr = lr_at(tr.step, cfg, spe, tr.lr0, tr.epoch_scale)
+            for opt in tr.optimizers:  # the model's and the method's (same schedule)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+            tr.method.before_step(tr.step, lr)
             for s, b in zip(snap, bufs):
                 s.copy_(b)
             with autocast_context(env.device.type, tr.amp):
                 out = tr.method(batch)
             loss = float(out["loss"].detach())  # host sync: the non-finite guard needs it every step
-            tr.optimizer.zero_grad(set_to_none=True)
+            for opt in tr.optimizers:
+                opt.zero_grad(set_to_none=True)
             if math.isfinite(loss):
                 tr.scaler.scale(out["loss"]).backward()
-                tr.scaler.step(tr.optimizer)
+                for opt in tr.optimizers:
+                    tr.scaler.step(opt)
                 tr.scaler.update()
                 tr.nonfinite = 0
             else:
                 _skip_step(tr, snap, bufs, epoch)
-            tr.method.after_step(out)  # bank update, only for a finite loss
+            tr.method.after_step(out)  # bank / queue / key-encoder updates, only for a finite loss
             tr.step, meter.steps = tr.step + 1, meter.steps + 1
             meter.loss_sum += loss if math.isfinite(loss) else 0.0
             if tr.step % t.log_every == 0:
@@ -458,12 +516,13 @@ def _train_loop(tr: Trainer, log: MetricsLog) -> None:
                 break
             meter_t = time.perf_counter()
         done = epoch + 1 if loader.next_batch in (0, spe) else epoch  # epochs completed
-        last = stop or done >= t.epochs
-        if t.eval_every and (last or (done > epoch and done % t.eval_every == 0)):
+        last = stop or done >= tr.loader_epochs
+        passed = tr.passes(done) if tr.passes(done) > tr.passes(epoch) else 0  # a pass over the data ended
+        if t.eval_every and (last or (passed and passed % t.eval_every == 0)):
             res = evaluate(tr)
             log.write({"kind": "eval", "step": tr.step, "epoch": done, **res})
-            log0(env, f"ep {done}/{t.epochs} kNN top1 {res['knn_top1']:.2f} top5 {res['knn_top5']:.2f}")
-        if last or (t.ckpt_every and done > epoch and done % t.ckpt_every == 0):
+            log0(env, f"ep {done}/{tr.loader_epochs} kNN top1 {res['knn_top1']:.2f} top5 {res['knn_top5']:.2f}")
+        if last or (t.ckpt_every and passed and passed % t.ckpt_every == 0):
             tr.save()
 
 
@@ -482,12 +541,14 @@ def train(cfg: Config, out_dir: str, resume: Optional[str] = None) -> Trainer:
         save_config(cfg, os.path.join(out_dir, "config.yaml"))
         log0(env, f"fastinst train: {cfg.method.name} {cfg.model.arch} N={len(tr.source)} world={env.world} "
                   f"batch {cfg.loader.batch_size}/rank lr {tr.lr0:.4g} amp={tr.amp} device={env.device} "
-                  f"{len(tr.loader)} steps/epoch")
+                  f"{len(tr.loader)} steps/epoch, {tr.loader_epochs} epochs"
+                  + (f" ({tr.epoch_scale:.3g} loader epochs per pass over the data)" if tr.epoch_scale != 1 else ""))
     log = MetricsLog(out_dir, env.rank, tr.step if path is not None else None)
     try:
         _train_loop(tr, log)
     finally:
         log.close()
+        tr.close_loaders()  # stop loader worker processes now, not at garbage collection
     return tr
 
 

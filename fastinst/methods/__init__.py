@@ -9,7 +9,11 @@ A method is an ``nn.Module`` built by ``build_method(cfg, model, num_samples, ra
 - ``state_dict()``: everything resumable the method owns (bank shard, Z, noise RNG), not
   the model's weights (the engine saves those);
 - ``train_features() -> (feats, labels) | None``: this rank's training features for kNN
-  evaluation without a recompute pass (NPID: its bank shard), or None.
+  evaluation without a recompute pass (NPID: its bank shard), or None;
+- ``extra_optimizers(lr)``, ``before_step(step, lr)``, ``flush()``: see fastinst/methods/base.py,
+  whose ``Method`` base class holds the protocol and its no-op defaults.
+
+Registered: npid (NPID / InstDisc), pic (PIC), moco (MoCo v2), simclr (SimCLR).
 
 The engine never branches on the method's name (DESIGN.md, "one registry of methods").
 """
@@ -38,7 +42,7 @@ def available() -> list:
 
 
 def _import_all() -> None:
-    from . import npid  # noqa: F401  (registers itself)
+    from . import moco, npid, pic, simclr  # noqa: F401  (each registers itself)
 
 
 def build_method(cfg, model, num_samples: int, ranks, *, labels=None, device=None):

@@ -25,12 +25,13 @@ from ..config import ConfigError
 from ..memory import ShardedMemoryBank
 from ..nce import NPIDLoss
 from . import register
+from .base import Method
 
 _BANK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @register("npid")
-class NPID(nn.Module):
+class NPID(Method):
     """NPID objective + sharded memory bank. ``model`` is used but not owned (not a submodule):
     the engine saves and restores the weights, this module's state_dict is bank + loss state."""
 

@@ -1,0 +1,387 @@
+"""Linear probe on frozen backbone features, and the backbone export.
+
+``linear_probe(cfg, checkpoint, out_dir)`` is what ``launch.py linear`` runs on every rank:
+the ImageNet linear-classification protocol as PIC's ``main_linear.py`` runs it (MoCo's
+``main_lincls.py`` is the same up to its step schedule):
+
+- the pretrained trunk comes from a fastinst checkpoint (model state under ``"model"``);
+  the model is replicated by DDP, so ``rank0.pt`` is read at any world size;
+- the trunk is frozen: eval mode (BatchNorm uses its running statistics) and no gradients;
+  the probe reads the pooled pre-head features (2048-d for ResNet-50), never the projection
+  head. PIC leaves the frozen network in train mode, so its BN statistics keep moving on
+  the probe's augmented crops; fastinst freezes them, which makes the probe a pure
+  function of the exported weights (and identical at any world size);
+- one ``nn.Linear(feature_dim, num_classes)`` trained by SGD (lr 30 for a batch of 256,
+  momentum 0.9, no weight decay, 5-epoch warm-up from lr/100, cosine, 100 epochs:
+  ``linear.*`` in the config), under DDP, on random-resized crops of scale (0.08, 1) plus a
+  flip (PIC's 'NULL' augmentation); validation uses the eval transform (resize 256, centre
+  crop 224), each rank its shard, with correct counts all-reduced, so top-1 / top-5 are
+  exact over the whole split at any world size;
+- features in channels-last / AMP like the trainer; the classifier itself in fp32;
+- atomic checkpoints of the head, its optimiser, the loader position and RNG
+  (fastinst/checkpoint.py), ``linear.resume: auto|none|PATH``; ``metrics.jsonl`` gets
+  ``linear_train`` records every ``linear.log_every`` steps and one ``linear_eval`` record
+  per evaluated epoch.
+
+``export_backbone(checkpoint, out_file)`` writes the trunk as a plain torchvision ResNet
+state_dict (``launch.py export``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import (CheckpointError, _atomic_write, find_latest_complete, load_checkpoint,
+                         save_checkpoint, saved_world_size)
+from .config import Config, ConfigError, CropConfig, SamplerConfig, save_config, to_dict
+from .engine import (DistEnv, Meter, MetricsLog, init_distributed, log0, resolve_amp, resolve_resume,
+                     rng_state, set_rng_state, unwrap)
+from .model import EmbeddingNet, autocast_context, build_model
+
+__all__ = ["linear_probe", "export_backbone", "load_pretrained", "resolve_pretrained", "LinearProbe"]
+
+# Architecture keys a checkpoint's trunk depends on (the head is never used here).
+_TRUNK_KEYS = ("arch", "stem")
+
+
+# --------------------------------------------------------------------------- pretrained weights
+
+
+def resolve_pretrained(path: str) -> str:
+    """A complete checkpoint directory from ``path``: a ckpt_* directory itself, or the newest
+    complete one in ``path`` or in ``path``/checkpoints (a run directory)."""
+    if os.path.isfile(os.path.join(path, "COMPLETE")):
+        return path
+    for d in (path, os.path.join(path, "checkpoints")):
+        found = find_latest_complete(d)
+        if found is not None:
+            return found
+    raise CheckpointError(f"no complete fastinst checkpoint at {path}: pass a ckpt_* directory with a "
+                          "COMPLETE marker, or a run directory holding checkpoints/")
+
+
+def load_pretrained(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict], int, str]:
+    """(model state, saved config dict or None, step, resolved path) of a fastinst checkpoint.
+    The model is the same on every rank (DDP), so rank 0's file serves any world size."""
+    path = resolve_pretrained(path)
+    payload = load_checkpoint(path, rank=0, world_size=saved_world_size(path), map_location="cpu")
+    if not isinstance(payload.get("model"), dict):
+        raise CheckpointError(f"checkpoint {path} has no 'model' state; is it a fastinst training checkpoint?")
+    return payload["model"], payload.get("config"), int(payload.get("step", -1)), path
+
+
+def _trunk_spec(cfg: Optional[Config], saved: Optional[dict], path: str) -> Dict[str, str]:
+    """arch/stem of the trunk: the checkpoint's own config, checked against ``cfg.model``."""
+    saved_model = (saved or {}).get("model") or {}
+    spec = {}
+    for k in _TRUNK_KEYS:
+        mine = getattr(cfg.model, k) if cfg is not None else None
+        theirs = saved_model.get(k)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise ConfigError(f"config key 'model.{k}': checkpoint {path} was trained with model.{k}={theirs} "
+                              f"but the config says {mine}; pass model.{k}={theirs} (or the pretraining config)")
+        spec[k] = theirs if theirs is not None else mine
+        if spec[k] is None:
+            raise CheckpointError(f"checkpoint {path} saved no config; pass --config with its model.{k}")
+    return spec
+
+
+def load_trunk(model: EmbeddingNet, state: Dict[str, torch.Tensor], path: str) -> None:
+    """Copy the ``backbone.*`` entries of a saved EmbeddingNet state into ``model.backbone``."""
+    trunk = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    if not trunk:
+        raise CheckpointError(f"checkpoint {path}: model state has no 'backbone.*' weights")
+    try:
+        model.backbone.load_state_dict(trunk, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path}: trunk weights do not fit model.arch/model.stem: {e}") from e
+
+
+def build_frozen_backbone(cfg: Config, checkpoint: str, env: DistEnv) -> Tuple[EmbeddingNet, str, int]:
+    """The pretrained EmbeddingNet on ``env.device``, frozen (eval mode, no gradients)."""
+    state, saved, step, path = load_pretrained(checkpoint)
+    spec = _trunk_spec(cfg, saved, path)
+    m = cfg.model
+    model = build_model(spec["arch"], stem=spec["stem"], embed_dim=m.embed_dim, head=m.head,
+                        hidden_dim=m.hidden_dim, channels_last=m.channels_last and env.device.type == "cuda")
+    load_trunk(model, state, path)
+    model = model.to(env.device).eval().requires_grad_(False)
+    if m.compile:
+        model.compile()
+    return model, path, step
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_backbone(checkpoint: str, out_file: str, cfg: Optional[Config] = None) -> Dict[str, Any]:
+    """Write the trunk of ``checkpoint`` as a torchvision ResNet state_dict to ``out_file``
+    (atomically). ``torchvision.models.<arch>().load_state_dict(sd, strict=False)`` then
+    misses exactly fc.weight / fc.bias; a 'small' stem's conv1 is 3x3 (see fastinst/model.py)."""
+    state, saved, step, path = load_pretrained(checkpoint)
+    spec = _trunk_spec(cfg, saved, path)
+    model = EmbeddingNet(spec["arch"], stem=spec["stem"])
+    load_trunk(model, state, path)
+    sd = model.export_backbone_state_dict()
+    out_dir = os.path.dirname(os.path.abspath(out_file))
+    os.makedirs(out_dir, exist_ok=True)
+    _atomic_write(os.path.abspath(out_file), lambda f: torch.save(sd, f))
+    return {"file": out_file, "checkpoint": path, "step": step, **spec, "feature_dim": model.feature_dim,
+            "tensors": len(sd)}
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def probe_data_config(cfg: Config) -> Config:
+    """The config the probe's loaders see: one train view of PIC's 'NULL' augmentation
+    (random-resized crop + flip, no colour), an epoch sampler over the whole split."""
+    lin = cfg.linear
+    size = lin.crop_size or cfg.aug.eval_crop
+    aug = dataclasses.replace(cfg.aug, crops=(CropConfig(count=1, size=size, scale=lin.crop_scale),),
+                              flip_p=lin.flip_p, jitter_p=0.0, grey_p=0.0, blur_p=0.0, solarize_p=0.0)
+    return dataclasses.replace(cfg, aug=aug, sampler=SamplerConfig(kind="epoch", seed=cfg.sampler.seed))
+
+
+def build_probe_loaders(cfg: Config, env: DistEnv):
+    from loaders import build_loader, build_source
+
+    pcfg, ranks = probe_data_config(cfg), env.ranks
+    device_id = env.device.index if env.device.type == "cuda" else None
+    source = build_source(pcfg, cfg.data.train_split, ranks)
+    train = build_loader(pcfg, cfg.data.train_split, mode="train", ranks=ranks, source=source, device_id=device_id)
+    val = build_loader(pcfg, cfg.data.val_split, mode="eval", ranks=ranks, device_id=device_id)
+    return source, train, val
+
+
+def probe_lr(step: int, cfg: Config, steps_per_epoch: int, lr0: float) -> float:
+    """Per-step lr: linear warm-up from lr0 * warmup_start (PIC's GradualWarmupScheduler with
+    multiplier 100), then a cosine to zero over the remaining steps or step decay by epoch."""
+    lin = cfg.linear
+    warm = int(round(lin.warmup_epochs * steps_per_epoch))
+    if step < warm:
+        return lr0 * (lin.warmup_start + (1.0 - lin.warmup_start) * step / warm)
+    if lin.schedule == "cosine":
+        p = min(1.0, (step - warm) / max(1, lin.epochs * steps_per_epoch - warm))
+        return lr0 * 0.5 * (1.0 + math.cos(math.pi * p))
+    return lr0 * lin.gamma ** sum(step // steps_per_epoch >= m for m in lin.milestones)
+
+
+@dataclass
+class LinearProbe:
+    cfg: Config
+    env: DistEnv
+    out_dir: str
+    backbone: EmbeddingNet  # frozen
+    head: nn.Module  # nn.Linear, DDP-wrapped when world > 1
+    optimizer: torch.optim.Optimizer
+    amp: str
+    loader: Any
+    val_loader: Any
+    num_classes: int
+    lr0: float
+    pretrained: str
+    pretrained_step: int
+    step: int = 0
+    best_top1: float = 0.0
+
+    @property
+    def ckpt_dir(self) -> str:
+        return os.path.join(self.out_dir, "checkpoints")
+
+    def state_dict(self) -> dict:
+        return {"linear": unwrap(self.head).state_dict(), "optimizer": self.optimizer.state_dict(),
+                "step": self.step, "best_top1": self.best_top1, "loader": self.loader.state_dict(),
+                "rng": rng_state(), "config": to_dict(self.cfg), "num_classes": self.num_classes,
+                "pretrained": os.path.abspath(self.pretrained), "pretrained_step": self.pretrained_step}
+
+    def load_state_dict(self, state: dict, path: str) -> None:
+        if (os.path.realpath(state["pretrained"]), state["pretrained_step"]) != \
+                (os.path.realpath(self.pretrained), self.pretrained_step):
+            raise ConfigError(f"config key 'linear.resume': {path} is a probe of {state['pretrained']} (step "
+                              f"{state['pretrained_step']}), not of {self.pretrained}; use another --out or "
+                              "linear.resume=none")
+        unwrap(self.head).load_state_dict(state["linear"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["loader"])
+        self.step, self.best_top1 = int(state["step"]), float(state["best_top1"])
+        set_rng_state(state["rng"])
+
+    def save(self) -> str:
+        return save_checkpoint(self.ckpt_dir, self.step, self.state_dict(), rank=self.env.rank,
+                               world_size=self.env.world, keep=self.cfg.linear.keep)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled frozen-trunk features [B, feature_dim] in fp32 (AMP inside the trunk only)."""
+        x = x.to(self.env.device, non_blocking=True)
+        if self.amp == "off" and x.dtype != torch.float32:
+            x = x.float()  # loader.fp16 views without autocast
+        with torch.no_grad(), autocast_context(self.env.device.type, self.amp):
+            f = self.backbone.backbone_features(x)  # [B, feature_dim]
+        return f.float()
+
+
+def build_probe(cfg: Config, checkpoint: str, out_dir: str, env: DistEnv) -> LinearProbe:
+    random.seed(cfg.seed + env.rank)
+    np.random.seed(cfg.seed + env.rank)
+    source, loader, val_loader = build_probe_loaders(cfg, env)  # data problems first, before weights load
+    num_classes = cfg.data.num_classes or int(source.num_classes)
+    if num_classes < 2:
+        raise ConfigError(f"config key 'data.num_classes': the train split {cfg.data.train_split!r} has "
+                          f"{num_classes} class(es); a linear probe needs labelled data with >= 2 classes")
+    val_classes = int(val_loader.source.num_classes)
+    if val_classes > num_classes:
+        raise ConfigError(f"config key 'data.num_classes': the val split {cfg.data.val_split!r} has label "
+                          f"{val_classes - 1} but the train split only {num_classes} classes; set "
+                          f"data.num_classes={val_classes}")
+    backbone, path, pstep = build_frozen_backbone(cfg, checkpoint, env)
+    torch.manual_seed(cfg.seed)  # the same initial head on every rank (DDP broadcasts it too)
+    head = nn.Linear(backbone.feature_dim, num_classes)
+    # N(0, 0.01) weights, zero bias: the fc init of MoCo's main_lincls.py.
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    head = head.to(env.device)
+    if env.world > 1:
+        head = nn.parallel.DistributedDataParallel(
+            head, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    lin = cfg.linear
+    lr0 = lin.lr * cfg.loader.batch_size * env.world / lin.lr_batch  # linear scaling, as train.lr
+    fast = {"fused": True} if env.device.type == "cuda" else {"foreach": True}
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr0, momentum=lin.momentum,
+                                weight_decay=lin.weight_decay, **fast)
+    return LinearProbe(cfg=cfg, env=env, out_dir=out_dir, backbone=backbone, head=head, optimizer=optimizer,
+                       amp=resolve_amp(cfg, env.device), loader=loader, val_loader=val_loader,
+                       num_classes=num_classes, lr0=lr0, pretrained=path, pretrained_step=pstep)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _all_reduce(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(x)
+    return x
+
+
+@torch.no_grad()
+def validate(p: LinearProbe) -> Dict[str, float]:
+    """Top-1 / top-5 (top-min(5, C)) and mean loss over the whole val split: each rank its
+    shard (eval loaders read every sample once), counts summed over ranks."""
+    head = unwrap(p.head)
+    head.eval()
+    k = min(5, p.num_classes)
+    sums = torch.zeros(4, dtype=torch.float64, device=p.env.device)  # correct@1, correct@k, n, loss sum
+    p.val_loader.set_epoch(0)
+    for batch in p.val_loader:
+        y = batch["label"].to(p.env.device, non_blocking=True)  # [B]
+        logits = head(p.features(batch["views"][0]))  # [B, C] fp32
+        hit = logits.topk(k, dim=1).indices.eq(y[:, None])  # [B, k]
+        sums += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(), y.new_tensor(len(y)),
+                             F.cross_entropy(logits, y, reduction="sum")]).double()
+    c1, ck, n, loss = _all_reduce(sums, p.env.world).tolist()
+    head.train()
+    return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * ck / max(n, 1), "val_loss": loss / max(n, 1),
+            "val_n": int(n)}
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _probe_loop(p: LinearProbe, log: MetricsLog) -> Dict[str, float]:
+    cfg, lin, env, loader = p.cfg, p.cfg.linear, p.env, p.loader
+    spe, stop, res = len(loader), False, {}
+    meter = Meter(cfg.loader.batch_size)
+    head = p.head
+    head.train()
+    while loader.epoch < lin.epochs and not stop:
+        epoch, meter_t = loader.epoch, time.perf_counter()
+        tsum = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss sum, correct@1, n (this epoch)
+        wloss = torch.zeros((), dtype=torch.float64, device=env.device)  # loss sum since the last log line
+        for batch in loader:
+            meter.wait += time.perf_counter() - meter_t
+            lr = probe_lr(p.step, cfg, spe, p.lr0)
+            for g in p.optimizer.param_groups:
+                g["lr"] = lr
+            y = batch["label"].to(env.device, non_blocking=True)  # [B]
+            logits = head(p.features(batch["views"][0]))  # [B, C] fp32; grads reach the head only
+            loss = F.cross_entropy(logits, y)
+            p.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            p.optimizer.step()
+            with torch.no_grad():
+                tsum += torch.stack([loss.detach() * len(y), logits.argmax(1).eq(y).sum(),
+                                     y.new_tensor(len(y))]).double()
+                wloss += loss.detach()
+            p.step, meter.steps = p.step + 1, meter.steps + 1
+            if p.step % lin.log_every == 0:
+                lval, meter.loss_sum = float(loss.detach()), float(wloss)  # host sync: logged steps only
+                wloss.zero_()
+                rec = {"kind": "linear_train", "step": p.step, "epoch": epoch + loader.next_batch / spe,
+                       "loss": lval, "lr": lr, **meter.read()}
+                log.write(rec)
+                log0(env, f"linear ep {epoch + 1}/{lin.epochs} step {p.step} ({loader.next_batch}/{spe}) "
+                          f"loss {lval:.4f} lr {lr:.4g} {rec['images_per_s']:.0f} img/s/rank "
+                          f"wait {100 * rec['data_wait']:.0f}%")
+                meter.reset()
+            stop = lin.max_steps > 0 and p.step >= lin.max_steps
+            if stop:
+                break
+            meter_t = time.perf_counter()
+        done = epoch + 1 if loader.next_batch in (0, spe) else epoch  # epochs completed
+        last = stop or done >= lin.epochs
+        if last or (done > epoch and done % lin.eval_every == 0):
+            tl, tc, tn = _all_reduce(tsum, env.world).tolist()
+            res = validate(p)
+            p.best_top1 = max(p.best_top1, res["top1"])
+            res.update(train_loss=tl / max(tn, 1), train_top1=100.0 * tc / max(tn, 1), best_top1=p.best_top1)
+            log.write({"kind": "linear_eval", "step": p.step, "epoch": done, **res})
+            log0(env, f"linear ep {done}/{lin.epochs} val top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}% "
+                      f"(best top-1 {p.best_top1:.2f}%) train loss {res['train_loss']:.4f} "
+                      f"train top-1 {res['train_top1']:.2f}%")
+        if last or (lin.ckpt_every and done > epoch and done % lin.ckpt_every == 0):
+            p.save()
+    return res
+
+
+def linear_probe(cfg: Config, checkpoint: str, out_dir: str) -> Dict[str, Any]:
+    """Train and evaluate a linear classifier on the frozen trunk of ``checkpoint`` (every rank).
+    Returns the last evaluation: top1, top5 (percent), val_loss, val_n, train_loss, train_top1,
+    best_top1, epoch (fractional after a max_steps stop), step."""
+    env = init_distributed()
+    os.makedirs(out_dir, exist_ok=True)
+    p = build_probe(cfg, checkpoint, out_dir, env)
+    try:
+        path = resolve_resume(cfg.linear.resume, p.ckpt_dir)
+        if path is not None:
+            p.load_state_dict(load_checkpoint(path, rank=env.rank, world_size=env.world), path)
+            if p.loader.next_batch >= len(p.loader):  # stopped on an epoch's last batch
+                p.loader.set_epoch(p.loader.epoch + 1)
+            log0(env, f"linear: resumed from {path} at step {p.step} (epoch {p.loader.epoch})")
+        if env.rank == 0:
+            save_config(cfg, os.path.join(out_dir, "config.yaml"))
+            log0(env, f"fastinst linear: {p.pretrained} (step {p.pretrained_step}) {cfg.model.arch} "
+                      f"{p.backbone.feature_dim}-d features -> {p.num_classes} classes, world={env.world} "
+                      f"batch {cfg.loader.batch_size}/rank lr {p.lr0:.4g} amp={p.amp} device={env.device} "
+                      f"{len(p.loader)} steps/epoch")
+        log = MetricsLog(out_dir, env.rank, p.step if path is not None else None)
+        try:
+            res = _probe_loop(p, log) or validate(p)  # resumed after the last epoch: evaluate only
+        finally:
+            log.close()
+    finally:
+        for ld in (p.loader, p.val_loader):  # stop loader workers now, not in a later GC pass
+            ld.close()
+    spe = len(p.loader)
+    done = p.loader.epoch + (p.loader.next_batch / spe if p.loader.next_batch < spe else 1)
+    return {**res, "epoch": done, "step": p.step, "best_top1": p.best_top1}

@@ -1,0 +1,73 @@
+"""The method protocol: the hooks the engine calls, identically, for every method.
+
+The engine's step (fastinst/engine.py ``_train_loop``) is, for any method::
+
+    method.before_step(step, lr)            # per-step schedules / seeds (after the lr is set)
+    out = method(batch)                      # dict(loss=global-batch loss, ...)
+    if finite(out["loss"]):
+        out["loss"].backward(); step the model optimiser and every ``extra_optimizers``
+    method.after_step(out)                   # @no_grad state updates, only for a finite loss
+
+plus, outside the step: ``extra_optimizers(lr)`` once at build time (their state is
+checkpointed by the engine, their lr follows the same schedule), ``flush()`` before a
+checkpoint or an evaluation reads lazily-updated state, ``train_features()`` for kNN, and
+``state_dict()`` / ``load_state_dict()`` for everything resumable the method owns (never the
+model's weights: the engine saves those). The defaults here are the no-op versions, so a
+method overrides only what it uses.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+
+class Method(nn.Module):
+    """Base class of every registered method (see the module docstring for the protocol)."""
+
+    @classmethod
+    def from_config(cls, cfg, model, num_samples: int, ranks, *, labels=None, device=None) -> "Method":
+        raise NotImplementedError
+
+    def extra_optimizers(self, lr: float) -> List[torch.optim.Optimizer]:
+        """Optimisers for parameters the method owns outside the (DDP) model, e.g. PIC's
+        sharded classifier with its LazySGD. The engine sets their lr every step, zeroes,
+        steps (through the grad scaler) and checkpoints them with the model's optimiser."""
+        return []
+
+    def before_step(self, step: int, lr: float) -> None:
+        """Called before ``forward`` with the global step and its learning rate."""
+
+    def after_step(self, out: dict) -> bool:
+        """``@torch.no_grad`` updates after the optimiser step; skip them when the loss is
+        non-finite. Returns whether they were applied."""
+        return bool(torch.isfinite(out["loss"]))  # host sync (the engine already synced on it)
+
+    def flush(self) -> None:
+        """Bring lazily-updated state up to date (before a checkpoint or an evaluation)."""
+
+    def train_features(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(features [rows_local, D], labels [rows_local]) of this rank's training rows for
+        kNN without a recompute pass, or None (the engine then recomputes)."""
+        return None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP (or the module itself)."""
+    return getattr(model, "module", model)
+
+
+def embed_views(model: nn.Module, views: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Embeddings of each view, in the views' order: views of equal shape go through the model
+    in one call (one BN batch over them, as SimCLR's 2N batch; one forward per crop size)."""
+    groups: Dict[tuple, List[int]] = {}
+    for i, v in enumerate(views):
+        groups.setdefault(tuple(v.shape[1:]), []).append(i)
+    out: List[Optional[torch.Tensor]] = [None] * len(views)
+    for idx in groups.values():
+        x = views[idx[0]] if len(idx) == 1 else torch.cat([views[i] for i in idx])  # [n*B, 3, H, W]
+        z = model(x)  # [n*B, D]
+        for i, zi in zip(idx, z.chunk(len(idx))):
+            out[i] = zi  # [B, D]
+    return out  # type: ignore[return-value]

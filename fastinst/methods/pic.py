@@ -1,0 +1,149 @@
+"""PIC: parametric instance classification (Cao et al. 2020; reference code bl0/PIC,
+``contrast/models/PIC.py``, ``scripts/PIC.sh``).
+
+Every training image is a class with one learnable 128-d row of an N×128 classifier
+(`fastinst.pic.ShardedClassifier`: rows sharded by rank, cosine logits / T = 0.2, a
+Partial-FC cross-entropy). Per step:
+
+1. embed the views (the engine's model: ResNet + MLP head, PIC ``--mlp-head``); one forward
+   per crop size;
+2. the first crop group (1×160 in PIC's multi-crop) is classified against the weight with
+   gradient; the other (small, 3×96) crops against the *detached* weight — PIC blocks the
+   classifier gradient of small crops (``sim_matrix_detach``); the loss is the mean
+   cross-entropy over all views' rows, as PIC's single ``F.cross_entropy`` over the
+   concatenated logits;
+3. optional negative sampling (``method.pic.negatives`` = K > 0): the softmax covers the
+   batch's positives plus K rows shared by the global batch — the K most recently visited
+   instances or K uniform rows — and `LazySGD` applies the skipped momentum / weight-decay
+   steps of the other rows in closed form when they are next read (exactly dense SGD).
+
+The classifier is not part of the DDP model (DDP would average gradients of different rows)
+and has its own `LazySGD` with the model's lr schedule, momentum and weight decay, handed to
+the engine through ``extra_optimizers``. The sliding-window sampler (``sampler.kind=
+sliding_window``) rescales epochs and warm-up by N/window in the engine, as PIC's
+main_pretrain.py does.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .. import dist as fdist
+from ..config import ConfigError
+from ..pic import LazySGD, ShardedClassifier
+from . import register
+from .base import Method, embed_views, unwrap
+
+
+@register("pic")
+class PIC(Method):
+    """PIC objective + this rank's classifier shard. ``model`` is used but not owned."""
+
+    def __init__(self, model, num_samples: int, *, embed_dim: int = 128, T: float = 0.2,
+                 large_views: int = 1, negatives: int = 0, sampling: str = "recent", init_std: float = 0.01,
+                 momentum: float = 0.9, weight_decay: float = 1e-4, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, device=None, labels: Optional[torch.Tensor] = None):
+        super().__init__()
+        object.__setattr__(self, "model", model)  # plain attribute: not in this state_dict
+        self.classifier = ShardedClassifier(num_samples, embed_dim, T, rank=rank, world_size=world_size,
+                                            device=device, seed=seed)
+        with torch.no_grad():  # init_rows has unit-variance rows (|w| ~ 1): rescale to std init_std
+            self.classifier.weight.mul_(init_std * math.sqrt(embed_dim))
+        self.num_samples, self.large_views, self.seed = num_samples, large_views, seed
+        self.num_negatives, self.sampling = negatives, sampling
+        self._momentum, self._weight_decay = momentum, weight_decay
+        self.optimizer: Optional[LazySGD] = None  # built by extra_optimizers (the engine's)
+        self._step = 0
+        # Labels of the rows this rank owns, for kNN on the classifier rows (never trained on).
+        c = self.classifier
+        self.labels = None if labels is None else labels[c.start:c.end].clone()
+        if negatives > 0 and sampling == "recent":
+            # FIFO of the global indices visited last (same on every rank: filled with the
+            # all-gathered batch indices). Starts as a uniform draw, so the first K/B steps
+            # sample uniformly; afterwards the negatives are the K latest instances.
+            g = torch.Generator().manual_seed(seed + 0x91C)
+            self.register_buffer("recent", torch.randint(num_samples, (negatives,), generator=g).to(device))  # [K]
+            self.register_buffer("recent_ptr", torch.zeros((), dtype=torch.long, device=device))  # []
+
+    @classmethod
+    def from_config(cls, cfg, model, num_samples: int, ranks, *, labels=None, device=None) -> "PIC":
+        c = cfg.method.pic
+        if c.negatives >= num_samples:
+            raise ConfigError(f"config key 'method.pic.negatives': K={c.negatives} sampled rows needs a training set "
+                              f"larger than K, but {cfg.data.path}:{cfg.data.train_split} has N={num_samples}; "
+                              "lower it, or use 0 for the full softmax")
+        if num_samples < ranks.world:
+            raise ConfigError(f"N={num_samples} training images is less than the {ranks.world} ranks that shard "
+                              "the PIC classifier; use fewer processes")
+        if cfg.model.embed_dim != getattr(unwrap(model), "embed_dim", cfg.model.embed_dim):
+            raise ConfigError("config key 'model.embed_dim': differs from the model's embedding size")
+        return cls(model, num_samples, embed_dim=cfg.model.embed_dim, T=c.T, large_views=cfg.aug.crops[0].count,
+                   negatives=c.negatives, sampling=c.sampling, init_std=c.init_std, momentum=cfg.train.momentum,
+                   weight_decay=cfg.train.weight_decay, rank=ranks.rank, world_size=ranks.world, seed=cfg.seed,
+                   device=device, labels=labels)
+
+    # ---- protocol --------------------------------------------------------------------------
+    def extra_optimizers(self, lr: float):
+        """The classifier's LazySGD: same lr (set per step by the engine), momentum and weight
+        decay as the model, like PIC's one SGD over model + sim_matrix."""
+        self.optimizer = self.classifier.make_optimizer(lr, self._momentum, self._weight_decay)
+        return [self.optimizer]
+
+    def before_step(self, step: int, lr: float) -> None:
+        self._step = step  # seeds the uniform negatives: a resumed run draws the same rows
+
+    def _negatives(self, device) -> Optional[torch.Tensor]:
+        """[K] global row indices shared by the global batch (identical on every rank), or None."""
+        if self.num_negatives == 0:
+            return None
+        if self.sampling == "recent":
+            return self.recent.clone()  # [K]; a copy: after_step overwrites the buffer
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self._step) & 0x7FFFFFFF)
+        return torch.randint(self.num_samples, (self.num_negatives,), generator=g).to(device)  # [K]
+
+    def forward(self, batch: dict) -> dict:
+        device = self.classifier.weight.device
+        index = batch["index"].to(device, non_blocking=True)  # [B] dataset rows
+        views = [v.to(device, non_blocking=True) for v in batch["views"]]
+        feats = embed_views(self.model, views)  # V x [B, D]
+        negs = self._negatives(device)
+        nl, ns = self.large_views, len(views) - self.large_views
+        large = feats[0] if nl == 1 else torch.cat(feats[:nl])  # [nl*B, D]
+        loss = self.classifier(large, index.repeat(nl), negatives=negs) * nl
+        if ns:
+            small = feats[nl] if ns == 1 else torch.cat(feats[nl:])  # [ns*B, D]
+            # PIC: small crops train the network, not the classifier (detached weight).
+            loss = loss + self.classifier(small, index.repeat(ns), detach_weight=True, negatives=negs) * ns
+        return {"loss": loss / (nl + ns), "index": index}
+
+    @torch.no_grad()
+    def after_step(self, out: dict) -> bool:
+        finite = bool(torch.isfinite(out["loss"]))  # host sync (the engine already synced on it)
+        if finite and self.num_negatives > 0 and self.sampling == "recent":
+            idx = fdist.all_gather_no_grad(out["index"])[-self.num_negatives:]  # [B_global'] newest last
+            k = self.recent.shape[0]
+            rows = (self.recent_ptr + torch.arange(idx.shape[0], device=idx.device)) % k  # [B']
+            self.recent.index_copy_(0, rows, idx)
+            self.recent_ptr.copy_((self.recent_ptr + idx.shape[0]) % k)
+        return finite
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.flush()  # rows not sampled lately get their skipped SGD steps
+
+    @torch.no_grad()
+    def train_features(self):
+        """(normalised classifier rows [rows_local, D], labels [rows_local]) for weighted kNN:
+        the classifier rows play the role of NPID's memory bank."""
+        if self.labels is None:
+            return None
+        self.flush()
+        w = torch.nn.functional.normalize(self.classifier.weight.detach().float(), dim=1)
+        return w, self.labels.to(w.device)
+
+    def extra_repr(self) -> str:
+        return (f"large_views={self.large_views}, negatives={self.num_negatives}"
+                + (f" ({self.sampling})" if self.num_negatives else " (full softmax)"))
