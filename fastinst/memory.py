@@ -150,6 +150,29 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def gather_row_shards(local: torch.Tensor, num_rows: int, world_size: int) -> torch.Tensor:
+    """All ranks' contiguous row blocks (``shard_bounds`` layout) concatenated: [N, D] on every
+    rank. Blocks differ by at most one row, so each is padded to ceil(N/W) for all_gather."""
+    pad = -(-num_rows // world_size)
+    padded = local.new_zeros(pad, local.shape[1])  # [ceil(N/W), D]
+    padded[:local.shape[0]] = local
+    gathered = fdist.all_gather_no_grad(padded)  # [W*ceil(N/W), D]
+    blocks = []
+    for r in range(world_size):
+        s, e = shard_bounds(num_rows, r, world_size)
+        blocks.append(gathered[r * pad:r * pad + (e - s)])
+    return torch.cat(blocks, 0)  # [N, D]
+
+
+def check_shard_layout(saved: dict, mine: dict, what: str, short: str) -> None:
+    """A shard saved at another rank / world size would load someone else's rows silently
+    when block sizes happen to match: refuse it, naming every field that differs."""
+    bad = [f"{k}: saved {saved.get(k)} vs this {short} {v}" for k, v in mine.items() if saved.get(k) != v]
+    if bad:
+        raise ValueError(f"{what} shard layout mismatch (" + "; ".join(bad) + "); load each shard on "
+                         "the same rank and world size it was saved with")
+
+
 class ShardedMemoryBank(torch.nn.Module):
     """Rank `rank`'s block of an N×D NPID memory bank (buffer `shard`, [end−start, D]).
 
@@ -251,15 +274,7 @@ class ShardedMemoryBank(torch.nn.Module):
         if fdist.get_world_size() != self.world_size:
             raise RuntimeError(f"full_bank needs torch.distributed with world size "
                                f"{self.world_size}, found {fdist.get_world_size()}")
-        pad = -(-self.num_rows // self.world_size)
-        padded = self.shard.new_zeros(pad, self.dim)  # [ceil(N/W), D]
-        padded[:self.rows_local] = self.shard
-        gathered = fdist.all_gather_no_grad(padded)  # [W*ceil(N/W), D]
-        blocks = []
-        for r in range(self.world_size):
-            s, e = shard_bounds(self.num_rows, r, self.world_size)
-            blocks.append(gathered[r * pad:r * pad + (e - s)])
-        return torch.cat(blocks, 0)  # [N, D]
+        return gather_row_shards(self.shard, self.num_rows, self.world_size)  # [N, D]
 
     # ---- checkpointing (per shard) ------------------------------------------------------------
     def _layout(self) -> dict:
@@ -283,11 +298,6 @@ class ShardedMemoryBank(torch.nn.Module):
         if meta is None:  # bank absent from this checkpoint: let strict/missing_keys decide
             return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                                  missing_keys, unexpected_keys, error_msgs)
-        mine = self._layout()
-        bad = [f"{k}: saved {meta.get(k)} vs this bank {v}" for k, v in mine.items()
-               if meta.get(k) != v]
-        if bad:
-            raise ValueError("memory bank shard layout mismatch (" + "; ".join(bad) + "); load "
-                             "each shard on the same rank and world size it was saved with")
+        check_shard_layout(meta, self._layout(), "memory bank", "bank")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)

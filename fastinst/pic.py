@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dist as fdist
-from .memory import init_rows, shard_bounds
+from .memory import check_shard_layout, gather_row_shards, init_rows, shard_bounds
 
 PIC_TEMPERATURE = 0.2  # PIC seed: --contrast-temperature 0.2
 
@@ -190,15 +190,7 @@ class ShardedClassifier(nn.Module):
         """The whole N×D weight on every rank (eval / tests; call optimizer.flush() first)."""
         if self.world_size == 1:
             return self.weight.detach().clone()
-        pad = -(-self.num_rows // self.world_size)  # ceil(N/W): all_gather needs equal shapes
-        padded = self.weight.new_zeros(pad, self.dim)  # [ceil(N/W), D]
-        padded[:self.rows_local] = self.weight
-        gathered = fdist.all_gather_no_grad(padded)  # [W*ceil(N/W), D]
-        blocks = []
-        for r in range(self.world_size):
-            s, e = shard_bounds(self.num_rows, r, self.world_size)
-            blocks.append(gathered[r * pad:r * pad + (e - s)])
-        return torch.cat(blocks, 0)  # [N, D]
+        return gather_row_shards(self.weight.detach(), self.num_rows, self.world_size)  # [N, D]
 
     def _layout(self) -> dict:
         return dict(num_rows=self.num_rows, dim=self.dim, rank=self.rank,
@@ -208,13 +200,7 @@ class ShardedClassifier(nn.Module):
         return self._layout()
 
     def set_extra_state(self, state: dict) -> None:
-        # Runs during load_state_dict: a shard saved at another rank / world size would load
-        # someone else's rows silently when the block sizes happen to match.
-        bad = [f"{k}: saved {state.get(k)} vs this classifier {v}"
-               for k, v in self._layout().items() if state.get(k) != v]
-        if bad:
-            raise ValueError("PIC classifier shard layout mismatch (" + "; ".join(bad) + "); "
-                             "load each shard on the rank and world size it was saved with")
+        check_shard_layout(state, self._layout(), "PIC classifier", "classifier")  # runs in load_state_dict
 
 
 # ---- lazy SGD with the weight-update correction -------------------------------------------------
