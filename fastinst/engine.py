@@ -453,18 +453,14 @@ def _skip_step(tr: Trainer, snap, bufs, epoch: int) -> None:
             "lower train.lr, raise the method's temperature T or use model.amp=off, then resume")
 
 
-def cfg_batch(tr: Trainer) -> int:
-    return tr.cfg.loader.batch_size
-
-
 def _log_step(tr: Trainer, log: MetricsLog, meter: Meter, epoch: int, loss: float, lr: float) -> None:
-    spe, t = len(tr.loader), tr.cfg.train
+    spe = len(tr.loader)
     rec = {"kind": "train", "step": tr.step, "epoch": epoch + tr.loader.next_batch / spe,
            "loss": loss if math.isfinite(loss) else None, "lr": lr, **meter.read(), "skipped": tr.skipped}
     log.write(rec)
     done = tr.loader.next_batch / max(spe, 1)
     bar = "#" * int(20 * done) + "." * (20 - int(20 * done))  # progress through this epoch
-    left = (spe - tr.loader.next_batch) * cfg_batch(tr) / max(rec["images_per_s"], 1e-9)
+    left = (spe - tr.loader.next_batch) * tr.cfg.loader.batch_size / max(rec["images_per_s"], 1e-9)
     log0(tr.env, f"ep {epoch + 1}/{tr.loader_epochs} [{bar}] step {tr.step} ({tr.loader.next_batch}/{spe}) "
                  f"loss {loss:.4f} lr {lr:.4g} {rec['images_per_s']:.0f} img/s/rank "
                  f"wait {100 * rec['data_wait']:.0f}% epoch ETA {left:.0f}s")
@@ -534,8 +530,6 @@ def train(cfg: Config, out_dir: str, resume: Optional[str] = None) -> Trainer:
     path = resolve_resume(resume or cfg.train.resume, tr.ckpt_dir)
     if path is not None:
         tr.load_state_dict(load_checkpoint(path, rank=env.rank, world_size=env.world))  # CPU; copied in
-        if tr.loader.next_batch >= len(tr.loader):  # stopped on an epoch's last batch
-            tr.loader.set_epoch(tr.loader.epoch + 1)
         log0(env, f"resumed from {path} at step {tr.step} (epoch {tr.loader.epoch}, batch {tr.loader.next_batch})")
     if env.rank == 0:
         save_config(cfg, os.path.join(out_dir, "config.yaml"))

@@ -365,8 +365,6 @@ def linear_probe(cfg: Config, checkpoint: str, out_dir: str) -> Dict[str, Any]:
         path = resolve_resume(cfg.linear.resume, p.ckpt_dir)
         if path is not None:
             p.load_state_dict(load_checkpoint(path, rank=env.rank, world_size=env.world), path)
-            if p.loader.next_batch >= len(p.loader):  # stopped on an epoch's last batch
-                p.loader.set_epoch(p.loader.epoch + 1)
             log0(env, f"linear: resumed from {path} at step {p.step} (epoch {p.loader.epoch})")
         if env.rank == 0:
             save_config(cfg, os.path.join(out_dir, "config.yaml"))

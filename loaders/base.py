@@ -13,8 +13,7 @@ current epoch from the current position and then moves to the next epoch; the st
 from __future__ import annotations
 
 import os
-import sys
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List
 
 import numpy as np
 
@@ -58,6 +57,8 @@ class LoaderBase:
             raise ValueError(f"loader state: batch_size {state['batch_size']} in the checkpoint but "
                              f"{self.batch_size} now")
         self.epoch, self.next_batch = int(state["epoch"]), int(state["next_batch"])
+        if self.next_batch >= len(self):  # saved after an epoch's last batch: the next one is due
+            self.epoch, self.next_batch = self.epoch + 1, 0
         self.skipped = {int(k): v for k, v in state.get("skipped", {}).items()}
         self._restart()
 
