@@ -37,6 +37,13 @@ def make_colour_zip(root: str, n: int = 24, split: str = "train", **kw) -> str:
     return root
 
 
+def make_colour_train_val(root: str, n_train: int = 32, n_val: int = 16, size=(20, 20)) -> str:
+    """A tiny train + val pair in the zip layout (the trainer tests' dataset)."""
+    make_colour_zip(root, n=n_train, size=size)
+    make_colour_zip(root, n=n_val, split="val", size=size)
+    return root
+
+
 def make_colour_folder(root: str, n: int = 24, split: str = "train", **kw) -> str:
     for rel, data, _ in colour_items(n, **kw):
         p = os.path.join(root, split, rel)

@@ -1,6 +1,5 @@
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -11,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastinst import checkpoint as ck
+from tests.distutil import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -205,10 +205,6 @@ def test_missing_and_mismatch_errors(tmp_path):
         ck.load_checkpoint(path)
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _dist_worker(rank, world, port, directory):
@@ -230,7 +226,7 @@ def _dist_worker(rank, world, port, directory):
 @pytest.mark.slow
 def test_two_process_gloo_save(tmp_path):
     d = str(tmp_path)
-    mp.spawn(_dist_worker, args=(2, _free_port(), d), nprocs=2, join=True)
+    mp.spawn(_dist_worker, args=(2, free_port(), d), nprocs=2, join=True)
     names = [os.path.basename(p) for p in ck.list_complete(d)]
     assert names == ["ckpt_000000002", "ckpt_000000003"]
     assert sorted(os.listdir(ck.checkpoint_path(d, 3))) == [ck.MARKER, "rank0.pt", "rank1.pt"]

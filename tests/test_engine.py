@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from datagen import make_colour_zip, make_photo_zip
+from datagen import make_colour_train_val, make_photo_zip
 from fastinst import engine
 from fastinst.checkpoint import find_latest_complete, list_complete, load_checkpoint
 from fastinst.config import ConfigError, load_config
@@ -33,10 +33,7 @@ def tiny_cfg(data, *over):
 
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("colours"))
-    make_colour_zip(root, n=32, size=(20, 20))
-    make_colour_zip(root, n=16, split="val", size=(20, 20))
-    return root
+    return make_colour_train_val(str(tmp_path_factory.mktemp("colours")))
 
 
 def read_metrics(out):

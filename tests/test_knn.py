@@ -1,6 +1,5 @@
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastinst.knn import knn_classify
+from tests.distutil import free_port
 
 
 def _clustered(n_train, n_query, num_classes, dim, noise, seed):
@@ -104,10 +104,6 @@ def test_bad_arguments():
 _SPLITS = [(37, 50), (5, 50), (0, 30), (150, 30), (90, 400)]
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _dist_worker(rank, world, port, data, out_dir):
@@ -130,7 +126,7 @@ def _dist_worker(rank, world, port, data, out_dir):
 @pytest.mark.slow
 def test_two_process_sharded_equals_single(tmp_path):
     data = _clustered(150, 45, 10, 16, noise=1.2, seed=11)
-    mp.spawn(_dist_worker, args=(2, _free_port(), data, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_dist_worker, args=(2, free_port(), data, str(tmp_path)), nprocs=2, join=True)
     q, ql, t, tl = data
     expected = [knn_classify(q, ql, t, tl, 10, k=k, chunk=13) for _, k in _SPLITS]
     for rank in range(2):

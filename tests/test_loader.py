@@ -1,14 +1,13 @@
 """Both backends on small real JPEGs: views, index exactness, resume, caches, bad input."""
 import os
 
-import numpy as np
 import pytest
 import torch
 
 from fastinst.config import load_config
 from loaders import RankInfo, build_loader
 from loaders.sources import DataError
-from tests.datagen import index_of_colour, jpeg_bytes, make_colour_zip, make_photo_zip, rewrite_member
+from tests.datagen import index_of_colour, make_colour_zip, make_photo_zip, rewrite_member
 
 BACKENDS = ["dali", "torch"]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

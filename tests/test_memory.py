@@ -7,7 +7,6 @@ tests use gloo on 127.0.0.1 via torch.multiprocessing.spawn.
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -18,6 +17,7 @@ import torch.multiprocessing as mp
 
 from fastinst.dist import all_gather_no_grad
 from fastinst.memory import ShardedMemoryBank, shard_bounds
+from tests.distutil import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, D, M = 37, 8, 0.5  # 37 rows: divisible by neither 2 nor 3
@@ -217,10 +217,6 @@ def test_state_dict_layout_mismatch_is_a_clear_error():
 
 
 # ---- sharded == unsharded (multi-process gloo) ---------------------------------------------------
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _bank_worker(rank, world, port, out_dir, dtype_name, steps, b_local):

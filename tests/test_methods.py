@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from datagen import make_colour_zip
+from datagen import make_colour_train_val
 from fastinst import engine
 from fastinst.config import ConfigError, load_config
 from fastinst.methods import available
@@ -31,10 +31,7 @@ def tiny_cfg(data, *over):
 
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("colours"))
-    make_colour_zip(root, n=32, size=(20, 20))
-    make_colour_zip(root, n=16, split="val", size=(20, 20))
-    return root
+    return make_colour_train_val(str(tmp_path_factory.mktemp("colours")))
 
 
 def metrics(out, kind="train"):

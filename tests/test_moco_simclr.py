@@ -8,20 +8,19 @@ the single-process gradient), that results equal a single-process run on the sam
 """
 
 import math
-import socket
 import sys
 import types
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from fastinst import dist as fdist
 from fastinst.moco import KeyQueue, batch_shuffle, batch_unshuffle, moco_loss, momentum_update
 from fastinst.simclr import LARS, nt_xent
+from tests.distutil import spawn_and_collect
 
 WORLD, B_LOCAL, D, T = 2, 3, 5, 0.2
 N = WORLD * B_LOCAL  # global batch
@@ -293,10 +292,6 @@ def test_lars_apex_backend_wiring(monkeypatch):
 
 
 # ---- distributed == single process (2-process gloo) ----------------------------------------------
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, port, out_path):
@@ -343,9 +338,7 @@ def _worker(rank, port, out_path):
 
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("moco_simclr_dist")
-    mp.spawn(_worker, args=(free_port(), str(out / "rank{}.pt")), nprocs=WORLD)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_and_collect(_worker, WORLD, tmp_path_factory.mktemp("moco_simclr_dist"))
 
 
 @pytest.mark.slow

@@ -6,17 +6,16 @@ on the same global batch, under the convention of fastinst.nce (each rank return
 loss L and receives W·∂L/∂x_local, so DDP's average is the single-process gradient).
 """
 
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from fastinst.memory import ShardedMemoryBank
 from fastinst.nce import (NCECriterion, NPIDLoss, estimate_z, full_softmax_loss, nce_loss,
                           sampled_dots, softmax_ce)
+from tests.distutil import spawn_and_collect
 
 N, D, T = 23, 8, 0.1
 
@@ -201,10 +200,6 @@ CONFIGS = [  # (loss, K, shared negatives, z_momentum)
     ("softmax", 5, False, None), ("softmax", 5, True, None), ("softmax", 0, False, None)]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def batch(step):
@@ -275,9 +270,7 @@ def _loss_worker(rank, port, out_path):
 
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("nce_dist")
-    mp.spawn(_loss_worker, args=(free_port(), str(out / "rank{}.pt")), nprocs=WORLD)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_and_collect(_loss_worker, WORLD, tmp_path_factory.mktemp("nce_dist"))
 
 
 @pytest.mark.slow

@@ -9,15 +9,14 @@ backbone gradients and the gathered weight matrix against the single-process run
 
 import copy
 import math
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fastinst.memory import shard_bounds
 from fastinst.pic import LazySGD, ShardedClassifier, _step_matrix, _StepProducts
+from tests.distutil import spawn_and_collect
 
 F64 = torch.float64
 T = 0.2
@@ -287,10 +286,6 @@ def train(rank, world, mode):
     return records, clf.gather_full()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, port, out_path):
@@ -305,9 +300,7 @@ def _worker(rank, port, out_path):
 
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pic_dist")
-    mp.spawn(_worker, args=(free_port(), str(out / "rank{}.pt")), nprocs=WORLD)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_and_collect(_worker, WORLD, tmp_path_factory.mktemp("pic_dist"))
 
 
 @pytest.mark.slow
