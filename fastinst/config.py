@@ -174,8 +174,11 @@ class ModelConfig:
     # imagenet: 7x7/2 conv + max-pool; small: 3x3/1 conv, no pool (lemniscate resnet_cifar, 28-96 px).
     stem: Literal["imagenet", "small"] = "imagenet"
     embed_dim: int = 128  # NPID's low_dim
-    head: Literal["linear", "mlp"] = "linear"
-    hidden_dim: int = 2048  # mlp head only
+    head: Literal["linear", "mlp", "mlp_nobn"] = "linear"
+    hidden_dim: int = 2048  # mlp and mlp_nobn heads only
+    # Last BN of every residual block starts at gamma = 0 (bl0/PIC's resnet.py does this for
+    # all its methods; lemniscate does not), so each block starts as the identity.
+    zero_init_residual: bool = False
     channels_last: bool = True
     # auto: bf16 on CUDA, off on the CPU (CPU autocast is slow and not what the seeds ran).
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"

@@ -6,8 +6,9 @@ downloaded) with its ``fc`` removed, so the trained trunk exports straight back 
 features to the instance embedding:
 
 - ``head="linear"``: one Linear to ``embed_dim`` (NPID / lemniscate ``low_dim`` fc, PIC).
-- ``head="mlp"``: Linear-BN-ReLU-Linear (SimCLR's projection head; MoCo v2 uses the same
-  shape without the BN).
+- ``head="mlp"``: Linear-BN-ReLU-Linear (SimCLR's projection head).
+- ``head="mlp_nobn"``: Linear-ReLU-Linear (MoCo v2's and PIC's ``--mlp-head``: no BN, so the
+  embedding of one sample does not depend on the rest of its batch).
 
 The embedding is L2-normalised in fp32 even under autocast: every method in fastinst
 divides cosine similarities by a temperature as low as 0.07, and bf16/fp16 rounding of
@@ -45,17 +46,18 @@ ARCHS = {
     "resnet152": torchvision.models.resnet152,
 }
 STEMS = ("imagenet", "small")
-HEADS = ("linear", "mlp")
+HEADS = ("linear", "mlp", "mlp_nobn")
 AMP_MODES = ("off", "bf16", "fp16")
 
 
-def _build_trunk(arch: str, stem: str) -> Tuple[nn.Module, int]:
-    """torchvision ResNet with ``fc`` replaced by Identity, and its pooled feature width."""
+def _build_trunk(arch: str, stem: str, zero_init_residual: bool = False) -> Tuple[nn.Module, int]:
+    """torchvision ResNet with ``fc`` replaced by Identity, and its pooled feature width.
+    zero_init_residual: the last BN gamma of each residual block starts at 0 (bl0/PIC)."""
     if arch not in ARCHS:
         raise ValueError(f"model.arch={arch!r} is not supported; choose one of {sorted(ARCHS)}")
     if stem not in STEMS:
         raise ValueError(f"model.stem={stem!r} is not supported; choose one of {list(STEMS)}")
-    trunk = ARCHS[arch](weights=None)
+    trunk = ARCHS[arch](weights=None, zero_init_residual=zero_init_residual)
     if stem == "small":
         # CIFAR-style stem (lemniscate models/resnet_cifar.py): 3x3 stride-1 conv and no
         # max-pool, so 28-96 px inputs are not downsampled 4x before layer1.
@@ -73,6 +75,14 @@ def _build_head(kind: str, in_dim: int, embed_dim: int, hidden_dim: int) -> nn.M
         raise ValueError(f"model.head={kind!r} is not supported; choose one of {list(HEADS)}")
     if kind == "linear":
         return nn.Linear(in_dim, embed_dim)
+    if kind == "mlp_nobn":
+        return nn.Sequential(
+            OrderedDict(
+                fc1=nn.Linear(in_dim, hidden_dim),
+                relu=nn.ReLU(inplace=True),
+                fc2=nn.Linear(hidden_dim, embed_dim),
+            )
+        )
     # No bias before BN: BN's shift makes it redundant.
     return nn.Sequential(
         OrderedDict(
@@ -95,6 +105,7 @@ class EmbeddingNet(nn.Module):
         embed_dim: int = 128,
         head: str = "linear",
         hidden_dim: int = 2048,
+        zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
         if embed_dim <= 0 or hidden_dim <= 0:
@@ -104,7 +115,7 @@ class EmbeddingNet(nn.Module):
         self.arch = arch
         self.stem = stem
         self.embed_dim = embed_dim
-        self.backbone, self.feature_dim = _build_trunk(arch, stem)
+        self.backbone, self.feature_dim = _build_trunk(arch, stem, zero_init_residual)
         self.head = _build_head(head, self.feature_dim, embed_dim, hidden_dim)
         # Set by build_model(channels_last=True): inputs are converted on entry so that a
         # caller handing NCHW-contiguous images does not silently fall back to slow kernels.
@@ -150,6 +161,7 @@ def build_model(
     embed_dim: int = 128,
     head: str = "linear",
     hidden_dim: int = 2048,
+    zero_init_residual: bool = False,
     channels_last: bool = False,
     sync_bn: bool = False,
     compile: bool = False,
@@ -165,7 +177,8 @@ def build_model(
         state_dict keys carry no ``_orig_mod.`` prefix (checkpoints stay interchangeable
         between compiled and eager runs).
     """
-    model = EmbeddingNet(arch, stem=stem, embed_dim=embed_dim, head=head, hidden_dim=hidden_dim)
+    model = EmbeddingNet(arch, stem=stem, embed_dim=embed_dim, head=head, hidden_dim=hidden_dim,
+                         zero_init_residual=zero_init_residual)
     if sync_bn:
         # Returns the same top-level object (it is not a BN layer); children are swapped.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

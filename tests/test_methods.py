@@ -152,7 +152,10 @@ def test_engine_never_branches_on_method_names():
 
 def test_shipped_configs_match_the_seeds():
     pic = load_config(os.path.join(ROOT, "configs", "pic_imagenet_r50.yaml"))
-    assert (pic.method.name, pic.method.pic.T, pic.model.head) == ("pic", 0.2, "mlp")
+    assert (pic.method.name, pic.method.pic.T, pic.model.head) == ("pic", 0.2, "mlp_nobn")
+    for name in ("pic", "instdisc", "mocov2", "simclr"):  # bl0/PIC's resnet.py and --mlp-head
+        m = load_config(os.path.join(ROOT, "configs", f"{name}_imagenet_r50.yaml")).model
+        assert (m.head, m.zero_init_residual) == ("mlp_nobn", True), name
     assert (pic.sampler.kind, pic.sampler.window, pic.sampler.stride) == ("sliding_window", 131072, 16384)
     assert [(c.count, c.size, c.scale) for c in pic.aug.crops] == [(1, 160, (0.14, 1.0)), (3, 96, (0.08, 0.14))]
     assert (pic.train.epochs, pic.train.warmup_epochs, pic.train.schedule, pic.train.lr) == (200, 5, "cosine", 0.03)

@@ -67,6 +67,24 @@ def test_mlp_head():
     assert model.backbone.conv1.weight.grad is not None
 
 
+def test_mlp_head_without_bn_is_per_sample():
+    model = _tiny(head="mlp_nobn", hidden_dim=64, embed_dim=16)
+    assert [type(m).__name__ for m in model.head] == ["Linear", "ReLU", "Linear"]
+    model.train()
+    x = torch.randn(4, 3, 28, 28)
+    # no BN in the head: a sample's embedding is independent of the rest of the head's batch
+    feats = model.backbone(x)
+    torch.testing.assert_close(model.head(feats[:1]), model.head(feats)[:1], atol=1e-6, rtol=1e-5)
+
+
+def test_zero_init_residual_starts_blocks_at_identity():
+    model = _tiny(zero_init_residual=True)
+    last_bns = [b.bn2 for layer in (model.backbone.layer1, model.backbone.layer4) for b in layer]
+    assert all(bool((bn.weight == 0).all()) for bn in last_bns)
+    assert bool((model.backbone.layer1[0].bn1.weight == 1).all())
+    assert not any(bool((b.bn2.weight == 0).all()) for b in _tiny().backbone.layer1)
+
+
 def test_export_loads_into_torchvision():
     model = _tiny(stem="imagenet")
     sd = model.export_backbone_state_dict()

@@ -4,7 +4,9 @@ and sharded == unsharded.
 References are float64 formulas written here; LazySGD is checked against dense
 torch.optim.SGD on the full weight, where rows outside a step's touched set simply get a zero
 loss-gradient.  The distributed test (2-process gloo, N odd) checks losses, DDP-averaged
-backbone gradients and the gathered weight matrix against the single-process run.
+backbone gradients and the gathered weight matrix against the single-process run; a second
+one runs the PIC method with 'recent' negatives and checks its FIFO against a plain Python
+list of the latest global indices, on every rank and in one process.
 """
 
 import copy
@@ -315,3 +317,76 @@ def test_sharded_training_equals_single_process(distributed_results, mode):
             torch.testing.assert_close(gw, r_gw, rtol=1e-9, atol=1e-12)
             torch.testing.assert_close(gb, r_gb, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(weight, ref_weight, rtol=1e-10, atol=1e-12)
+
+
+# ---- 'recent' negative sampling through the PIC method, 2 processes vs 1 -----------------------
+RECENT_K = (6, 12)  # fewer than one global batch (8), and a ring that wraps mid-batch
+STEPS_RECENT = 6
+
+
+def train_recent(rank, world, k):
+    """fastinst.methods.pic.PIC with negatives=k, sampling='recent', hooks called in the
+    engine's order. Records per step: loss, the negatives used, the FIFO after the step."""
+    from fastinst.methods.pic import PIC
+
+    torch.manual_seed(11)
+    backbone = torch.nn.Linear(IN, D).double()
+    model = torch.nn.parallel.DistributedDataParallel(backbone) if world > 1 else backbone
+    method = PIC(model, N_DIST, embed_dim=D, T=T, large_views=1, negatives=k, sampling="recent",
+                 momentum=0.9, weight_decay=1e-2, rank=rank, world_size=world, seed=3).double()
+    opt_c = method.extra_optimizers(lr=0.0)[0]
+    opt_b = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9)
+    bl = WORLD * BL // world
+    mine = slice(rank * bl, (rank + 1) * bl)
+    records = []
+    for step in range(STEPS_RECENT):
+        xb, xs, index, _ = dist_batch(step)
+        lr = cosine_warmup_lr(step, STEPS_RECENT, base=4.0, warmup=2)
+        method.before_step(step, lr)
+        used = method._negatives(torch.device("cpu"))
+        out = method({"index": index[mine], "views": [xb[mine], xs[mine]]})
+        out["loss"].backward()
+        opt_b.step()
+        opt_c.param_groups[0]["lr"] = lr
+        opt_c.step()
+        opt_b.zero_grad()
+        opt_c.zero_grad()
+        assert method.after_step(out)
+        records.append((out["loss"].detach().clone(), used, method.recent.clone()))
+    method.flush()
+    return records, method.classifier.gather_full()
+
+
+def _recent_worker(rank, port, out_path):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=WORLD)
+    try:
+        torch.save({k: train_recent(rank, WORLD, k) for k in RECENT_K}, out_path.format(rank))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def recent_results(tmp_path_factory):
+    return spawn_and_collect(_recent_worker, WORLD, tmp_path_factory.mktemp("pic_recent"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", RECENT_K)
+def test_recent_negatives_sharded_equal_single_process_and_a_fifo(recent_results, k):
+    ref_records, ref_weight = train_recent(0, 1, k)
+    # Independent reference for the sampled rows: at step s they are the k latest entries of
+    # (initial draw, then every global batch's indices in rank order) — a plain Python FIFO.
+    history = ref_records[0][1].tolist()  # step 0 samples the initial (uniform) draw
+    assert len(history) == k
+    for step, (_, used, _) in enumerate(ref_records):
+        assert sorted(used.tolist()) == sorted(history[-k:]), step
+        history += dist_batch(step)[2].tolist()
+    for res in recent_results:
+        records, weight = res[k]
+        for (loss, used, fifo), (r_loss, r_used, r_fifo) in zip(records, ref_records):
+            assert torch.equal(used, r_used) and torch.equal(fifo, r_fifo)
+            torch.testing.assert_close(loss, r_loss, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(weight, ref_weight, rtol=1e-10, atol=1e-12)
+    # the FIFO after the last step holds the k latest global indices
+    assert sorted(ref_records[-1][2].tolist()) == sorted(history[-k:])
