@@ -438,6 +438,24 @@ def _float_buffers(model: nn.Module) -> List[torch.Tensor]:
     return [b for b in unwrap(model).buffers() if b.is_floating_point()]
 
 
+def train_step(method: nn.Module, optimizers, scaler, amp: str, device_type: str, batch: dict):
+    """One step of any method, the loop's core (also what benchmarks/step_time.py times):
+    forward under autocast; for a finite loss, backward and a step of every optimiser.
+    Returns (out, loss as a float); ``method.after_step(out)`` and the non-finite bookkeeping
+    are the caller's."""
+    with autocast_context(device_type, amp):
+        out = method(batch)
+    loss = float(out["loss"].detach())  # host sync: the non-finite guard needs it every step
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    if math.isfinite(loss):
+        scaler.scale(out["loss"]).backward()
+        for opt in optimizers:
+            scaler.step(opt)
+        scaler.update()
+    return out, loss
+
+
 def _skip_step(tr: Trainer, snap, bufs, epoch: int) -> None:
     """A non-finite loss: no backward, no optimiser step; BN running stats put back (the forward
     already moved them); the bank and Z are left alone by ``method.after_step``."""
@@ -490,16 +508,8 @@ def _train_loop(tr: Trainer, log: MetricsLog) -> None:
             tr.method.before_step(tr.step, lr)
             for s, b in zip(snap, bufs):
                 s.copy_(b)
-            with autocast_context(env.device.type, tr.amp):
-                out = tr.method(batch)
-            loss = float(out["loss"].detach())  # host sync: the non-finite guard needs it every step
-            for opt in tr.optimizers:
-                opt.zero_grad(set_to_none=True)
+            out, loss = train_step(tr.method, tr.optimizers, tr.scaler, tr.amp, env.device.type, batch)
             if math.isfinite(loss):
-                tr.scaler.scale(out["loss"]).backward()
-                for opt in tr.optimizers:
-                    tr.scaler.step(opt)
-                tr.scaler.update()
                 tr.nonfinite = 0
             else:
                 _skip_step(tr, snap, bufs, epoch)
