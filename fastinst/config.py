@@ -117,6 +117,8 @@ class SamplerConfig:
     seed: int = 0
     window: int = 131072
     stride: int = 16384
+    # sliding_window only: draw a fresh order when a window crosses the end (PIC --shuffle-per-epoch).
+    reshuffle: bool = False
 
     def __post_init__(self):
         if self.kind == "sliding_window":

@@ -69,21 +69,40 @@ class SlidingWindowSampler:
     consecutive windows every index is therefore visited ``window / stride`` times, and
     consecutive windows overlap, so an instance is revisited while its classifier row is
     still fresh — the point of the scheduler.
+
+    ``reshuffle=True`` is PIC's ``--shuffle-per-epoch`` (scripts/PIC.sh): a window that would
+    run past the end of the order first draws a fresh order of the rank's rows, so instances
+    meet different window-mates on every pass. As in PIC, every window that crosses the end
+    redraws (window / stride of them per pass). Here the k-th order is a pure function of
+    (seed, rank, k), k = the number of crossing windows so far, so resume stays exact.
     """
 
     kind = "sliding_window"
 
-    def __init__(self, n: int, *, window: int, stride: int, rank: int = 0, world: int = 1, seed: int = 0):
+    def __init__(self, n: int, *, window: int, stride: int, rank: int = 0, world: int = 1, seed: int = 0,
+                 reshuffle: bool = False):
         if n <= 0:
             raise ValueError("SlidingWindowSampler needs a non-empty dataset")
         if window < world or stride < world:
             raise ValueError(f"window ({window}) and stride ({stride}) must be >= world size ({world})")
-        self.n, self.rank, self.world, self.seed = n, rank, world, seed
-        self.owned = np.arange(rank, n, world, dtype=np.int64)
-        self.owned = self.owned[_rng(seed, 0x51DE, rank + 1).permutation(len(self.owned))]
+        self.n, self.rank, self.world, self.seed, self.reshuffle = n, rank, world, seed, reshuffle
+        self.rows = np.arange(rank, n, world, dtype=np.int64)  # the rows this rank owns
+        self.owned = self.order(0)
         self.window_r = min(window // world, len(self.owned))
         self.stride_r = stride // world
         self.window, self.stride = window, stride
+
+    def order(self, k: int) -> np.ndarray:
+        """The k-th random order of this rank's rows (k = 0 throughout without reshuffle)."""
+        key = (self.seed, 0x51DE, self.rank + 1) + ((k,) if k else ())
+        return self.rows[_rng(*key).permutation(len(self.rows))]
+
+    def reshuffles(self, epoch: int) -> int:
+        """Orders drawn after the first one by window ``epoch``: windows 0..epoch that cross the end."""
+        if not self.reshuffle:
+            return 0
+        starts = (np.arange(epoch + 1, dtype=np.int64) * self.stride_r) % len(self.rows)
+        return int(np.count_nonzero(starts + self.window_r > len(self.rows)))
 
     def __len__(self) -> int:
         return self.window_r
@@ -94,8 +113,10 @@ class SlidingWindowSampler:
 
     def indices(self, epoch: int) -> np.ndarray:  # (window_r,) int64
         m = len(self.owned)
+        k = self.reshuffles(epoch)
+        order = self.order(k) if k else self.owned
         pos = (epoch * self.stride_r + np.arange(self.window_r, dtype=np.int64)) % m
-        win = self.owned[pos]
+        win = order[pos]
         return win[_rng(self.seed, epoch, self.rank + 1).permutation(len(win))]
 
     def epochs_per_pass(self) -> float:
@@ -104,13 +125,13 @@ class SlidingWindowSampler:
 
     def describe(self) -> dict:
         return {"kind": self.kind, "n": self.n, "world": self.world, "seed": self.seed,
-                "window": self.window, "stride": self.stride}
+                "window": self.window, "stride": self.stride, "reshuffle": self.reshuffle}
 
 
 def build_sampler(cfg_sampler, n: int, *, rank: int, world: int, shuffle: bool = True, ownership: str = "global"):
     if cfg_sampler.kind == "sliding_window":
         return SlidingWindowSampler(n, window=cfg_sampler.window, stride=cfg_sampler.stride, rank=rank,
-                                    world=world, seed=cfg_sampler.seed)
+                                    world=world, seed=cfg_sampler.seed, reshuffle=cfg_sampler.reshuffle)
     return EpochSampler(n, rank=rank, world=world, seed=cfg_sampler.seed, shuffle=shuffle, ownership=ownership)
 
 

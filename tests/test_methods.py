@@ -156,7 +156,8 @@ def test_shipped_configs_match_the_seeds():
     for name in ("pic", "instdisc", "mocov2", "simclr"):  # bl0/PIC's resnet.py and --mlp-head
         m = load_config(os.path.join(ROOT, "configs", f"{name}_imagenet_r50.yaml")).model
         assert (m.head, m.zero_init_residual) == ("mlp_nobn", True), name
-    assert (pic.sampler.kind, pic.sampler.window, pic.sampler.stride) == ("sliding_window", 131072, 16384)
+    assert (pic.sampler.kind, pic.sampler.window, pic.sampler.stride, pic.sampler.reshuffle) == (
+        "sliding_window", 131072, 16384, True)
     assert [(c.count, c.size, c.scale) for c in pic.aug.crops] == [(1, 160, (0.14, 1.0)), (3, 96, (0.08, 0.14))]
     assert (pic.train.epochs, pic.train.warmup_epochs, pic.train.schedule, pic.train.lr) == (200, 5, "cosine", 0.03)
     moco = load_config(os.path.join(ROOT, "configs", "mocov2_imagenet_r50.yaml")).method.moco

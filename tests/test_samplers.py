@@ -61,3 +61,37 @@ def test_sliding_window_consecutive_windows_overlap_and_resume_exact():
     assert len(w0 & w1) == 75  # overlap = window - stride
     again = SlidingWindowSampler(1000, window=100, stride=25, seed=2)
     assert np.array_equal(s.indices(17), again.indices(17))
+
+
+@pytest.mark.parametrize("world,rank", [(1, 0), (2, 1)])
+def test_sliding_window_reshuffle_follows_pics_shuffle_per_epoch(world, rank):
+    """PIC's SubsetSlidingWindowSampler with shuffle_per_epoch, replayed statefully: a window
+    whose range would run past the end first draws a new order (here order(k), k counting the
+    draws), then takes positions start..start+window (mod m) of the current order."""
+    n, window, stride = 110 * world, 40 * world, 15 * world  # m = 110 rows/rank: stride does not divide m
+    s = SlidingWindowSampler(n, window=window, stride=stride, rank=rank, world=world, seed=5, reshuffle=True)
+    m, w, st = 110, 40, 15
+    order, k, start = s.order(0), 0, 0
+    crossings = 0
+    for epoch in range(40):  # more than 5 passes
+        if start + w > m:
+            k += 1
+            order = s.order(k)
+            crossings += 1
+        expected = order[(start + np.arange(w)) % m]
+        got = s.indices(epoch)
+        assert sorted(got.tolist()) == sorted(expected.tolist()), epoch
+        assert np.all(got % world == rank)
+        start = (start + st) % m
+    assert crossings > 5 and s.reshuffles(39) == crossings
+    orders = [s.order(i) for i in range(3)]
+    for o in orders:  # each order is a permutation of the rank's rows
+        assert sorted(o.tolist()) == list(range(rank, n, world))
+    assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
+    # pure function of (seed, rank, epoch): a fresh sampler gives the same windows (exact resume)
+    again = SlidingWindowSampler(n, window=window, stride=stride, rank=rank, world=world, seed=5, reshuffle=True)
+    assert all(np.array_equal(s.indices(e), again.indices(e)) for e in (0, 7, 23, 39))
+    # without reshuffle the order never changes
+    fixed = SlidingWindowSampler(n, window=window, stride=stride, rank=rank, world=world, seed=5)
+    assert fixed.reshuffles(39) == 0
+    assert sorted(fixed.indices(8).tolist()) == sorted(fixed.order(0)[(8 * st + np.arange(w)) % m].tolist())
