@@ -36,7 +36,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 from fastinst import engine  # noqa: E402
 from fastinst.config import load_config  # noqa: E402

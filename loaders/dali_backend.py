@@ -11,7 +11,7 @@ This is the only module that imports ``nvidia.dali``.
 from __future__ import annotations
 
 import re
-from typing import List, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch

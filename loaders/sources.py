@@ -23,7 +23,7 @@ import struct
 import sys
 import zipfile
 import zlib
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 

@@ -10,7 +10,7 @@ the uninterrupted one bit for bit.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import numpy as np
 import torch

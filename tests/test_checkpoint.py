@@ -6,11 +6,10 @@ import textwrap
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastinst import checkpoint as ck
-from tests.distutil import free_port
+from tests.distutil import free_port, in_gloo_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -207,20 +206,18 @@ def test_missing_and_mismatch_errors(tmp_path):
 
 
 
+def _dist_work(rank, world, directory):
+    for step in (1, 2, 3):
+        payload = {"r": rank, "s": step}
+        ck.save_checkpoint(directory, step, payload, rank=rank, world_size=world, keep=2)
+        # save_checkpoint returns only once complete, on every rank.
+        assert ck.find_latest_complete(directory) == ck.checkpoint_path(directory, step)
+    got = ck.load_checkpoint(ck.find_latest_complete(directory), rank, world)
+    assert got == {"r": rank, "s": 3}
+
+
 def _dist_worker(rank, world, port, directory):
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
-        for step in (1, 2, 3):
-            payload = {"r": rank, "s": step}
-            ck.save_checkpoint(directory, step, payload, rank=rank, world_size=world, keep=2)
-            # save_checkpoint returns only once complete, on every rank.
-            assert ck.find_latest_complete(directory) == ck.checkpoint_path(directory, step)
-        got = ck.load_checkpoint(ck.find_latest_complete(directory), rank, world)
-        assert got == {"r": rank, "s": 3}
-    finally:
-        dist.destroy_process_group()
+    in_gloo_group(rank, world, port, _dist_work, rank, world, directory)
 
 
 @pytest.mark.slow

@@ -3,11 +3,10 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastinst.knn import knn_classify
-from tests.distutil import free_port
+from tests.distutil import free_port, in_gloo_group
 
 
 def _clustered(n_train, n_query, num_classes, dim, noise, seed):
@@ -106,21 +105,17 @@ _SPLITS = [(37, 50), (5, 50), (0, 30), (150, 30), (90, 400)]
 
 
 
+def _dist_work(rank, data):
+    q, ql, t, tl = data
+    results = []
+    for split, k in _SPLITS:
+        lo, hi = (0, split) if rank == 0 else (split, t.shape[0])
+        results.append(knn_classify(q, ql, t[lo:hi], tl[lo:hi], 10, k=k, chunk=13, distributed=True))
+    return results
+
+
 def _dist_worker(rank, world, port, data, out_dir):
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
-        q, ql, t, tl = data
-        results = []
-        for split, k in _SPLITS:
-            lo, hi = (0, split) if rank == 0 else (split, t.shape[0])
-            results.append(
-                knn_classify(q, ql, t[lo:hi], tl[lo:hi], 10, k=k, chunk=13, distributed=True)
-            )
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    torch.save(in_gloo_group(rank, world, port, _dist_work, rank, data), os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.slow

@@ -12,12 +12,11 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastinst.dist import all_gather_no_grad
 from fastinst.memory import ShardedMemoryBank, shard_bounds
-from tests.distutil import free_port
+from tests.distutil import free_port, in_gloo_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, D, M = 37, 8, 0.5  # 37 rows: divisible by neither 2 nor 3
@@ -219,23 +218,22 @@ def test_state_dict_layout_mismatch_is_a_clear_error():
 # ---- sharded == unsharded (multi-process gloo) ---------------------------------------------------
 
 
+def _bank_work(rank, world, dtype_name, steps, b_local):
+    bank = ShardedMemoryBank(N, D, M, rank=rank, world_size=world,
+                             dtype=getattr(torch, dtype_name), seed=11)
+    for step in range(steps):
+        index, feats = global_batch(step, world * b_local)
+        mine = slice(rank * b_local, (rank + 1) * b_local)
+        # the caller's job in training: gather the global batch, then update
+        bank.update(all_gather_no_grad(index[mine]), all_gather_no_grad(feats[mine]))
+    probe = torch.tensor([[0, N - 1, 18], [18, 5, 36]])
+    return dict(full=bank.full_bank(), rows=bank.rows(probe), probe=probe,
+                shard=bank.shard, bounds=(bank.start, bank.end))
+
+
 def _bank_worker(rank, world, port, out_dir, dtype_name, steps, b_local):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world)
-    try:
-        bank = ShardedMemoryBank(N, D, M, rank=rank, world_size=world,
-                                 dtype=getattr(torch, dtype_name), seed=11)
-        for step in range(steps):
-            index, feats = global_batch(step, world * b_local)
-            mine = slice(rank * b_local, (rank + 1) * b_local)
-            # the caller's job in training: gather the global batch, then update
-            bank.update(all_gather_no_grad(index[mine]), all_gather_no_grad(feats[mine]))
-        probe = torch.tensor([[0, N - 1, 18], [18, 5, 36]])
-        torch.save(dict(full=bank.full_bank(), rows=bank.rows(probe), probe=probe,
-                        shard=bank.shard, bounds=(bank.start, bank.end)),
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    res = in_gloo_group(rank, world, port, _bank_work, rank, world, dtype_name, steps, b_local)
+    torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.slow

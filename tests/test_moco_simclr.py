@@ -13,14 +13,13 @@ import types
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from fastinst import dist as fdist
 from fastinst.moco import KeyQueue, batch_shuffle, batch_unshuffle, moco_loss, momentum_update
 from fastinst.simclr import LARS, nt_xent
-from tests.distutil import spawn_and_collect
+from tests.distutil import in_gloo_group, spawn_and_collect
 
 WORLD, B_LOCAL, D, T = 2, 3, 5, 0.2
 N = WORLD * B_LOCAL  # global batch
@@ -294,46 +293,45 @@ def test_lars_apex_backend_wiring(monkeypatch):
 # ---- distributed == single process (2-process gloo) ----------------------------------------------
 
 
+def _work(rank):
+    mine = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+    res = {}
+    # NT-Xent on local views: loss and the W-scaled local gradients.
+    a, b = views(1)
+    x1, x2 = leaf(a[mine]), leaf(b[mine])
+    loss = nt_xent([x1, x2], T)
+    loss.backward()
+    res["nt_xent"] = (loss.detach(), x1.grad, x2.grad)
+    # NT-Xent through DDP: both views in one forward (DDP allows one forward per backward).
+    model = nn.parallel.DistributedDataParallel(make_model())
+    i1, i2 = model_inputs()
+    z = model(torch.cat([i1[mine], i2[mine]]))
+    loss = nt_xent(list(z.split(B_LOCAL)), T)
+    loss.backward()
+    res["ddp"] = (loss.detach(), model.module.weight.grad.clone(),
+                  model.module.bias.grad.clone())
+    # MoCo loss on local queries against the shared queue.
+    q, k, queue = moco_inputs()
+    x = leaf(q[mine])
+    loss = moco_loss(x, k[mine], queue, T)
+    loss.backward()
+    res["moco_loss"] = (loss.detach(), x.grad)
+    # Queue: each rank enqueues the all-gathered keys of the global batch.
+    qu = KeyQueue(D, QUEUE_K, global_batch=N, seed=3)
+    res["queue"] = []
+    for step in range(ENQUEUES):
+        qu.enqueue(fdist.all_gather_no_grad(keys_for(step)[mine]))
+        res["queue"].append((qu.queue.clone(), qu.ptr.clone()))
+    # Shuffle BN round trip; a "key encoder" acting per sample on the shuffled slice.
+    xs = torch.arange(N * 4, dtype=torch.float32).view(N, 2, 2)
+    gen = torch.Generator().manual_seed(11)
+    shuffled, idx = batch_shuffle(xs[mine], generator=gen)
+    res["shuffle"] = (shuffled, idx, batch_unshuffle(shuffled * 3 + 1, idx))
+    return res
+
+
 def _worker(rank, port, out_path):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=WORLD)
-    try:
-        mine = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
-        res = {}
-        # NT-Xent on local views: loss and the W-scaled local gradients.
-        a, b = views(1)
-        x1, x2 = leaf(a[mine]), leaf(b[mine])
-        loss = nt_xent([x1, x2], T)
-        loss.backward()
-        res["nt_xent"] = (loss.detach(), x1.grad, x2.grad)
-        # NT-Xent through DDP: both views in one forward (DDP allows one forward per backward).
-        model = nn.parallel.DistributedDataParallel(make_model())
-        i1, i2 = model_inputs()
-        z = model(torch.cat([i1[mine], i2[mine]]))
-        loss = nt_xent(list(z.split(B_LOCAL)), T)
-        loss.backward()
-        res["ddp"] = (loss.detach(), model.module.weight.grad.clone(),
-                      model.module.bias.grad.clone())
-        # MoCo loss on local queries against the shared queue.
-        q, k, queue = moco_inputs()
-        x = leaf(q[mine])
-        loss = moco_loss(x, k[mine], queue, T)
-        loss.backward()
-        res["moco_loss"] = (loss.detach(), x.grad)
-        # Queue: each rank enqueues the all-gathered keys of the global batch.
-        qu = KeyQueue(D, QUEUE_K, global_batch=N, seed=3)
-        res["queue"] = []
-        for step in range(ENQUEUES):
-            qu.enqueue(fdist.all_gather_no_grad(keys_for(step)[mine]))
-            res["queue"].append((qu.queue.clone(), qu.ptr.clone()))
-        # Shuffle BN round trip; a "key encoder" acting per sample on the shuffled slice.
-        xs = torch.arange(N * 4, dtype=torch.float32).view(N, 2, 2)
-        gen = torch.Generator().manual_seed(11)
-        shuffled, idx = batch_shuffle(xs[mine], generator=gen)
-        res["shuffle"] = (shuffled, idx, batch_unshuffle(shuffled * 3 + 1, idx))
-        torch.save(res, out_path.format(rank))
-    finally:
-        dist.destroy_process_group()
+    torch.save(in_gloo_group(rank, WORLD, port, _work, rank), out_path.format(rank))
 
 
 @pytest.fixture(scope="module")

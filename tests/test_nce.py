@@ -9,13 +9,12 @@ loss L and receives W·∂L/∂x_local, so DDP's average is the single-process g
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from fastinst.memory import ShardedMemoryBank
 from fastinst.nce import (NCECriterion, NPIDLoss, estimate_z, full_softmax_loss, nce_loss,
                           sampled_dots, softmax_ce)
-from tests.distutil import spawn_and_collect
+from tests.distutil import in_gloo_group, spawn_and_collect
 
 N, D, T = 23, 8, 0.1
 
@@ -242,30 +241,29 @@ def ddp_step(model, inputs, index, bank, cfg):
     return loss.detach()
 
 
+def _loss_work(rank):
+    mine = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+
+    def local_feats(step):
+        feats, index = batch(step)
+        return leaf(feats[mine]), index[mine]
+
+    res = {}
+    for cfg in CONFIGS:
+        bank = ShardedMemoryBank(N, D, rank=rank, world_size=WORLD, seed=25)
+        res[cfg] = run_config(cfg, bank, local_feats)
+    model = torch.nn.parallel.DistributedDataParallel(make_model())
+    for cfg in (CONFIGS[0], CONFIGS[4]):
+        bank = ShardedMemoryBank(N, D, rank=rank, world_size=WORLD, seed=25)
+        model.zero_grad()
+        loss = ddp_step(model, model_inputs()[mine], batch(0)[1][mine], bank, cfg)
+        res[("ddp",) + cfg] = (loss, model.module.weight.grad.clone(),
+                               model.module.bias.grad.clone())
+    return res
+
+
 def _loss_worker(rank, port, out_path):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=WORLD)
-    try:
-        mine = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
-
-        def local_feats(step):
-            feats, index = batch(step)
-            return leaf(feats[mine]), index[mine]
-
-        res = {}
-        for cfg in CONFIGS:
-            bank = ShardedMemoryBank(N, D, rank=rank, world_size=WORLD, seed=25)
-            res[cfg] = run_config(cfg, bank, local_feats)
-        model = torch.nn.parallel.DistributedDataParallel(make_model())
-        for cfg in (CONFIGS[0], CONFIGS[4]):
-            bank = ShardedMemoryBank(N, D, rank=rank, world_size=WORLD, seed=25)
-            model.zero_grad()
-            loss = ddp_step(model, model_inputs()[mine], batch(0)[1][mine], bank, cfg)
-            res[("ddp",) + cfg] = (loss, model.module.weight.grad.clone(),
-                                   model.module.bias.grad.clone())
-        torch.save(res, out_path.format(rank))
-    finally:
-        dist.destroy_process_group()
+    torch.save(in_gloo_group(rank, WORLD, port, _loss_work, rank), out_path.format(rank))
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,10 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from fastinst.memory import shard_bounds
 from fastinst.pic import LazySGD, ShardedClassifier, _step_matrix, _StepProducts
-from tests.distutil import spawn_and_collect
+from tests.distutil import in_gloo_group, spawn_and_collect
 
 F64 = torch.float64
 T = 0.2
@@ -291,13 +290,8 @@ def train(rank, world, mode):
 
 
 def _worker(rank, port, out_path):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=WORLD)
-    try:
-        torch.save({mode: train(rank, WORLD, mode) for mode in ("full", "sampled")},
-                   out_path.format(rank))
-    finally:
-        dist.destroy_process_group()
+    res = in_gloo_group(rank, WORLD, port, lambda: {mode: train(rank, WORLD, mode) for mode in ("full", "sampled")})
+    torch.save(res, out_path.format(rank))
 
 
 @pytest.fixture(scope="module")
@@ -358,12 +352,8 @@ def train_recent(rank, world, k):
 
 
 def _recent_worker(rank, port, out_path):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=WORLD)
-    try:
-        torch.save({k: train_recent(rank, WORLD, k) for k in RECENT_K}, out_path.format(rank))
-    finally:
-        dist.destroy_process_group()
+    res = in_gloo_group(rank, WORLD, port, lambda: {k: train_recent(rank, WORLD, k) for k in RECENT_K})
+    torch.save(res, out_path.format(rank))
 
 
 @pytest.fixture(scope="module")
