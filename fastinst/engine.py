@@ -37,6 +37,7 @@ from .checkpoint import find_latest_complete, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, save_config, to_dict
 from .knn import knn_classify
 from .methods import build_method
+from .methods.base import unwrap
 from .model import autocast_context, build_model, make_grad_scaler
 
 
@@ -108,10 +109,6 @@ def build_train_model(cfg: Config, env: DistEnv) -> nn.Module:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     return model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def base_lr(cfg: Config, world: int) -> float:

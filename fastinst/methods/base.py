@@ -22,6 +22,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..config import ConfigError
+
 
 class Method(nn.Module):
     """Base class of every registered method (see the module docstring for the protocol)."""
@@ -55,7 +57,23 @@ class Method(nn.Module):
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DDP (or the module itself)."""
-    return getattr(model, "module", model)
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def check_row_layout(cfg, model, num_samples: int, ranks, *, key: str, k: int, rows: str, fix: str,
+                     sharded: str) -> None:
+    """Start-up invariants of a method with one row per training image, sharded by rank (NPID's
+    bank, PIC's classifier), checked when the rows are built, not mid-run: the ``k`` rows that
+    config key ``key`` samples per step fit in N, every rank owns a row, and the rows have the
+    model's embedding size."""
+    if k >= num_samples:
+        raise ConfigError(f"config key '{key}': K={k} {rows} needs a training set larger than K, but "
+                          f"{cfg.data.path}:{cfg.data.train_split} has N={num_samples}; {fix}")
+    if num_samples < ranks.world:
+        raise ConfigError(f"N={num_samples} training images is less than the {ranks.world} ranks that shard "
+                          f"{sharded}; use fewer processes")
+    if cfg.model.embed_dim != getattr(unwrap(model), "embed_dim", cfg.model.embed_dim):
+        raise ConfigError("config key 'model.embed_dim': differs from the model's embedding size")
 
 
 def embed_views(model: nn.Module, views: Sequence[torch.Tensor]) -> List[torch.Tensor]:

@@ -21,11 +21,10 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ..config import ConfigError
 from ..memory import ShardedMemoryBank
 from ..nce import NPIDLoss
 from . import register
-from .base import Method
+from .base import Method, check_row_layout
 
 _BANK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -53,16 +52,9 @@ class NPID(Method):
     @classmethod
     def from_config(cls, cfg, model, num_samples: int, ranks, *, labels=None, device=None) -> "NPID":
         c = cfg.method.npid
-        # Start-up invariants (DESIGN.md: checked when the bank is built, not mid-run).
-        if c.K >= num_samples:
-            raise ConfigError(f"config key 'method.npid.K': K={c.K} noise rows needs a training set larger "
-                              f"than K, but {cfg.data.path}:{cfg.data.train_split} has N={num_samples}; "
-                              "lower method.npid.K (or K=0 with loss=softmax for the full softmax)")
-        if num_samples < ranks.world:
-            raise ConfigError(f"N={num_samples} training images is less than the {ranks.world} ranks that "
-                              "shard the memory bank; use fewer processes")
-        if cfg.model.embed_dim != getattr(_unwrap(model), "embed_dim", cfg.model.embed_dim):
-            raise ConfigError("config key 'model.embed_dim': differs from the model's embedding size")
+        check_row_layout(cfg, model, num_samples, ranks, key="method.npid.K", k=c.K, rows="noise rows",
+                         fix="lower method.npid.K (or K=0 with loss=softmax for the full softmax)",
+                         sharded="the memory bank")
         return cls(model, num_samples, embed_dim=cfg.model.embed_dim, K=c.K, T=c.T, momentum=c.momentum,
                    loss=c.loss, shared_negatives=c.negatives == "shared",
                    z_momentum=c.z_ema if c.z == "ema" else None, bank_dtype=_BANK_DTYPES[c.bank_dtype],
@@ -118,6 +110,3 @@ class NPID(Method):
         c = self.criterion
         return f"loss={c.kind}, K={c.k}, T={c.temperature}, shared_negatives={c.shared}"
 
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)

@@ -31,10 +31,9 @@ from typing import Optional
 import torch
 
 from .. import dist as fdist
-from ..config import ConfigError
 from ..pic import LazySGD, ShardedClassifier
 from . import register
-from .base import Method, embed_views, unwrap
+from .base import Method, check_row_layout, embed_views
 
 
 @register("pic")
@@ -70,15 +69,9 @@ class PIC(Method):
     @classmethod
     def from_config(cls, cfg, model, num_samples: int, ranks, *, labels=None, device=None) -> "PIC":
         c = cfg.method.pic
-        if c.negatives >= num_samples:
-            raise ConfigError(f"config key 'method.pic.negatives': K={c.negatives} sampled rows needs a training set "
-                              f"larger than K, but {cfg.data.path}:{cfg.data.train_split} has N={num_samples}; "
-                              "lower it, or use 0 for the full softmax")
-        if num_samples < ranks.world:
-            raise ConfigError(f"N={num_samples} training images is less than the {ranks.world} ranks that shard "
-                              "the PIC classifier; use fewer processes")
-        if cfg.model.embed_dim != getattr(unwrap(model), "embed_dim", cfg.model.embed_dim):
-            raise ConfigError("config key 'model.embed_dim': differs from the model's embedding size")
+        check_row_layout(cfg, model, num_samples, ranks, key="method.pic.negatives", k=c.negatives,
+                         rows="sampled rows", fix="lower it, or use 0 for the full softmax",
+                         sharded="the PIC classifier")
         return cls(model, num_samples, embed_dim=cfg.model.embed_dim, T=c.T, large_views=cfg.aug.crops[0].count,
                    negatives=c.negatives, sampling=c.sampling, init_std=c.init_std, momentum=cfg.train.momentum,
                    weight_decay=cfg.train.weight_decay, rank=ranks.rank, world_size=ranks.world, seed=cfg.seed,
