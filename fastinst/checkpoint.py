@@ -230,23 +230,27 @@ def find_latest_complete(directory: str) -> Optional[str]:
     return complete[-1] if complete else None
 
 
+def _marker_world_size(path: str, missing: str) -> int:
+    """World size recorded in the COMPLETE marker of ``path``; `CheckpointError` with the
+    message ``missing`` when there is no marker, or naming the marker when it is unreadable."""
+    marker = os.path.join(path, MARKER)
+    if not os.path.isfile(marker):
+        raise CheckpointError(missing)
+    try:
+        with open(marker, "rb") as f:
+            return int(json.loads(f.read().decode())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint marker {marker} is unreadable: {e}") from e
+
+
 def saved_world_size(path: str) -> int:
     """World size that wrote the complete checkpoint ``path`` (read from its marker).
 
     Replicated state (the model: DDP keeps it identical on every rank) can be read from
     ``rank0.pt`` at any world size, e.g. by the linear probe and the backbone export.
     """
-    marker = os.path.join(path, MARKER)
-    if not os.path.isfile(marker):
-        raise CheckpointError(
-            f"{path} is not a complete checkpoint (no {MARKER} marker); pass a ckpt_* directory "
-            "with a marker, e.g. the newest one in <run>/checkpoints"
-        )
-    try:
-        with open(marker, "rb") as f:
-            return int(json.loads(f.read().decode())["world_size"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint marker {marker} is unreadable: {e}") from e
+    return _marker_world_size(path, f"{path} is not a complete checkpoint (no {MARKER} marker); pass a "
+                                    "ckpt_* directory with a marker, e.g. the newest one in <run>/checkpoints")
 
 
 def load_checkpoint(
@@ -268,18 +272,8 @@ def load_checkpoint(
     """
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory {path} does not exist")
-    marker = os.path.join(path, MARKER)
-    if not os.path.isfile(marker):
-        raise CheckpointError(
-            f"checkpoint {path} is incomplete (no {MARKER} marker: the save was "
-            "interrupted); resume from an earlier one, e.g. find_latest_complete()"
-        )
-    try:
-        with open(marker, "rb") as f:
-            info = json.loads(f.read().decode())
-        saved_world = int(info["world_size"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint marker {marker} is unreadable: {e}") from e
+    saved_world = _marker_world_size(path, f"checkpoint {path} is incomplete (no {MARKER} marker: the save "
+                                           "was interrupted); resume from an earlier one, e.g. find_latest_complete()")
     if saved_world != world_size:
         raise CheckpointError(
             f"checkpoint {path} was saved by {saved_world} ranks but this run has "
