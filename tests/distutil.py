@@ -1,6 +1,10 @@
 """Shared helpers for the multi-process (gloo on 127.0.0.1) tests."""
 import gc
+import os
+import signal
 import socket
+import subprocess
+import sys
 
 import torch
 import torch.distributed as dist
@@ -35,3 +39,27 @@ def in_gloo_group(rank: int, world: int, port: int, fn, *args):
     finally:
         gc.collect()
         dist.destroy_process_group()
+
+
+def run_on_ranks(world: int, argv: list, *, cwd: str, timeout: int = 240, what: str = "run") -> str:
+    """``python argv`` as 1 plain process (world 1) or under ``torch.distributed.run`` with
+    ``world`` local ranks, without the caller's torchrun variables and one OMP thread per rank.
+    Fails the test on a non-zero exit or after ``timeout`` s (killing the launcher and its
+    ranks); returns the combined output."""
+    import pytest
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    launcher = [sys.executable] if world == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
+    proc = subprocess.Popen(launcher + list(argv), env=env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the ranks it started
+        log, _ = proc.communicate()
+        pytest.fail(f"{world}-process {what} timed out:\n{log[-3000:]}")
+    assert proc.returncode == 0, log[-3000:]
+    return log

@@ -2,9 +2,6 @@
 import json
 import math
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,6 +11,7 @@ from fastinst import engine
 from fastinst.checkpoint import find_latest_complete, list_complete, load_checkpoint
 from fastinst.config import ConfigError, load_config
 from fastinst.methods.npid import NPID
+from tests.distutil import run_on_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -168,24 +166,11 @@ def test_two_processes_match_one(colours, tmp_path):
             "aug.crops=[{count: 1, size: 16, scale: [1.0, 1.0], ratio: [1.0, 1.0]}]",  # deterministic views
             "aug.flip_p=0", "aug.jitter_p=0", "aug.grey_p=0"]
     worker = os.path.join(ROOT, "tests", "dist_train_worker.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
     runs = {}
     for world, bs in ((1, 16), (2, 8)):
         out = str(tmp_path / f"w{world}")
         args = TINY + [f"data.path={colours}", f"loader.batch_size={bs}"] + over
-        launcher = [sys.executable] if world == 1 else \
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-        proc = subprocess.Popen(launcher + [worker, out] + args, env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        try:
-            log, _ = proc.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the ranks it started
-            log, _ = proc.communicate()
-            pytest.fail(f"{world}-process run timed out:\n{log[-3000:]}")
-        assert proc.returncode == 0, log[-3000:]
+        run_on_ranks(world, [worker, out] + args, cwd=ROOT)
         ckpt = find_latest_complete(os.path.join(out, "checkpoints"))
         bank = torch.cat([load_checkpoint(ckpt, rank=i, world_size=world)["method"]["bank.shard"]
                           for i in range(world)])

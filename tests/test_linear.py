@@ -7,9 +7,6 @@ reaches 100% top-1; the CLI test uses a checkpoint written by a real (two-step) 
 """
 import json
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,6 +18,7 @@ from fastinst import engine, linear
 from fastinst.checkpoint import find_latest_complete, list_complete, load_checkpoint, save_checkpoint
 from fastinst.config import ConfigError, load_config, save_config, to_dict
 from fastinst.model import EmbeddingNet, build_model
+from tests.distutil import run_on_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -244,25 +242,11 @@ def test_two_processes_match_one(colours, tmp_path):
     data, ckpt = colours
     cfg_path = str(tmp_path / "tiny.yaml")
     save_config(tiny_cfg(data, "linear.epochs=2"), cfg_path)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
     runs = {}
     for world, bs in ((1, 8), (2, 4)):
         out = str(tmp_path / f"w{world}")
-        launcher = [sys.executable] if world == 1 else \
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-        cmd = launcher + [os.path.join(ROOT, "launch.py"), "linear", "--config", cfg_path, "--checkpoint", ckpt,
-                          "--out", out, f"loader.batch_size={bs}"]
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
-        try:
-            log, _ = proc.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            log, _ = proc.communicate()
-            pytest.fail(f"{world}-process probe timed out:\n{log[-3000:]}")
-        assert proc.returncode == 0, log[-3000:]
+        run_on_ranks(world, [os.path.join(ROOT, "launch.py"), "linear", "--config", cfg_path, "--checkpoint", ckpt,
+                             "--out", out, f"loader.batch_size={bs}"], cwd=ROOT, what="probe")
         last = find_latest_complete(os.path.join(out, "checkpoints"))
         runs[world] = (read_metrics(out), load_checkpoint(last, rank=0, world_size=world)["linear"])
     (m1, h1), (m2, h2) = runs[1], runs[2]

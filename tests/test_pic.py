@@ -257,6 +257,15 @@ def dist_batch(step):
     return xb, xs, index, neg
 
 
+def step_both(opt_b, opt_c, lr_c):
+    """One step of the backbone's SGD and of the classifier's LazySGD at lr ``lr_c``; zero both."""
+    opt_b.step()
+    opt_c.param_groups[0]["lr"] = lr_c
+    opt_c.step()
+    opt_b.zero_grad()
+    opt_c.zero_grad()
+
+
 def train(rank, world, mode):
     """The PIC step loop: DDP backbone (world > 1) + unwrapped ShardedClassifier + LazySGD."""
     torch.manual_seed(7)
@@ -278,11 +287,7 @@ def train(rank, world, mode):
         loss.backward()
         records.append((loss.detach().clone(), backbone.weight.grad.clone(),
                         backbone.bias.grad.clone()))
-        opt_b.step()
-        opt_c.param_groups[0]["lr"] = cosine_warmup_lr(step, STEPS_DIST, base=4.0, warmup=2)
-        opt_c.step()
-        opt_b.zero_grad()
-        opt_c.zero_grad()
+        step_both(opt_b, opt_c, cosine_warmup_lr(step, STEPS_DIST, base=4.0, warmup=2))
     opt_c.flush()
     return records, clf.gather_full()
 
@@ -340,11 +345,7 @@ def train_recent(rank, world, k):
         used = method._negatives(torch.device("cpu"))
         out = method({"index": index[mine], "views": [xb[mine], xs[mine]]})
         out["loss"].backward()
-        opt_b.step()
-        opt_c.param_groups[0]["lr"] = lr
-        opt_c.step()
-        opt_b.zero_grad()
-        opt_c.zero_grad()
+        step_both(opt_b, opt_c, lr)
         assert method.after_step(out)
         records.append((out["loss"].detach().clone(), used, method.recent.clone()))
     method.flush()
