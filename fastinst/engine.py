@@ -62,6 +62,18 @@ class DistEnv:
 
         return RankInfo(self.rank, self.world, self.local_rank, self.local_world)
 
+    @property
+    def device_id(self) -> Optional[int]:
+        """CUDA device index (DALI's device_id, DDP's device_ids), None on the CPU."""
+        return self.device.index if self.device.type == "cuda" else None
+
+    def wrap_ddp(self, module: nn.Module) -> nn.Module:
+        """``module`` in DistributedDataParallel when there is more than one rank."""
+        if self.world == 1:
+            return module
+        ids = None if self.device_id is None else [self.device_id]
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
 
 def init_distributed() -> DistEnv:
     """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) only. Under
@@ -104,16 +116,22 @@ def build_train_model(cfg: Config, env: DistEnv) -> nn.Module:
                         zero_init_residual=m.zero_init_residual,
                         channels_last=m.channels_last and env.device.type == "cuda", sync_bn=sync_bn,
                         compile=m.compile)
-    model = model.to(env.device)
-    if env.world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    return model
+    return env.wrap_ddp(model.to(env.device))
+
+
+def scaled_lr(lr: float, lr_batch: int, cfg: Config, world: int) -> float:
+    """Linear scaling (Goyal et al. 2017): lr for the global batch from ``lr`` quoted at ``lr_batch``."""
+    return lr * cfg.loader.batch_size * world / lr_batch
 
 
 def base_lr(cfg: Config, world: int) -> float:
-    """Linear scaling (Goyal et al. 2017): lr for the global batch from lr quoted at lr_batch."""
-    return cfg.train.lr * cfg.loader.batch_size * world / cfg.train.lr_batch
+    return scaled_lr(cfg.train.lr, cfg.train.lr_batch, cfg, world)
+
+
+def sgd(params, lr: float, momentum: float, weight_decay: float, cuda: bool) -> torch.optim.SGD:
+    """torch SGD with the fused kernel on CUDA and the foreach one elsewhere."""
+    fast = {"fused": True} if cuda else {"foreach": True}
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **fast)
 
 
 def build_optimizer(cfg: Config, model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -124,8 +142,7 @@ def build_optimizer(cfg: Config, model: nn.Module, lr: float) -> torch.optim.Opt
 
         return LARS(model.parameters(), lr=lr, momentum=t.momentum, weight_decay=t.weight_decay, eta=t.lars_eta)
     # Weight decay on every parameter, as lemniscate / PIC do.
-    fast = {"fused": True} if next(model.parameters()).is_cuda else {"foreach": True}
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=t.momentum, weight_decay=t.weight_decay, **fast)
+    return sgd(model.parameters(), lr, t.momentum, t.weight_decay, next(model.parameters()).is_cuda)
 
 
 def scaled_epochs(epochs: float, epoch_scale: float) -> float:
@@ -171,9 +188,8 @@ def build_loaders(cfg: Config, env: DistEnv):
         raise ConfigError("config key 'data.on_error': 'skip' shortens batches unevenly across ranks, which "
                           "the all-gathered loss does not support; use data.on_error=raise with >1 rank")
     source = build_source(cfg, cfg.data.train_split, ranks)
-    device_id = env.device.index if env.device.type == "cuda" else None
     loader = build_loader(cfg, cfg.data.train_split, mode="train", ranks=ranks, source=source,
-                          device_id=device_id)
+                          device_id=env.device_id)
     return source, loader
 
 
@@ -196,9 +212,8 @@ class EvalData:
         if split not in self._loaders:
             from loaders import build_loader
 
-            device_id = self.env.device.index if self.env.device.type == "cuda" else None
             self._loaders[split] = build_loader(self.cfg, split, mode="eval", ranks=self.env.ranks,
-                                                device_id=device_id)
+                                                device_id=self.env.device_id)
         return self._loaders[split]
 
 

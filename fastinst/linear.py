@@ -46,7 +46,7 @@ from .checkpoint import (CheckpointError, _atomic_write, find_latest_complete, l
                          save_checkpoint, saved_world_size)
 from .config import Config, ConfigError, CropConfig, SamplerConfig, save_config, to_dict
 from .engine import (DistEnv, Meter, MetricsLog, init_distributed, log0, resolve_amp, resolve_resume,
-                     rng_state, set_rng_state, unwrap)
+                     rng_state, scaled_lr, set_rng_state, sgd, unwrap)
 from .model import EmbeddingNet, autocast_context, build_model
 
 __all__ = ["linear_probe", "export_backbone", "load_pretrained", "resolve_pretrained", "LinearProbe"]
@@ -158,10 +158,10 @@ def build_probe_loaders(cfg: Config, env: DistEnv):
     from loaders import build_loader, build_source
 
     pcfg, ranks = probe_data_config(cfg), env.ranks
-    device_id = env.device.index if env.device.type == "cuda" else None
     source = build_source(pcfg, cfg.data.train_split, ranks)
-    train = build_loader(pcfg, cfg.data.train_split, mode="train", ranks=ranks, source=source, device_id=device_id)
-    val = build_loader(pcfg, cfg.data.val_split, mode="eval", ranks=ranks, device_id=device_id)
+    train = build_loader(pcfg, cfg.data.train_split, mode="train", ranks=ranks, source=source,
+                         device_id=env.device_id)
+    val = build_loader(pcfg, cfg.data.val_split, mode="eval", ranks=ranks, device_id=env.device_id)
     return source, train, val
 
 
@@ -251,15 +251,10 @@ def build_probe(cfg: Config, checkpoint: str, out_dir: str, env: DistEnv) -> Lin
     # N(0, 0.01) weights, zero bias: the fc init of MoCo's main_lincls.py.
     nn.init.normal_(head.weight, std=0.01)
     nn.init.zeros_(head.bias)
-    head = head.to(env.device)
-    if env.world > 1:
-        head = nn.parallel.DistributedDataParallel(
-            head, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    head = env.wrap_ddp(head.to(env.device))
     lin = cfg.linear
-    lr0 = lin.lr * cfg.loader.batch_size * env.world / lin.lr_batch  # linear scaling, as train.lr
-    fast = {"fused": True} if env.device.type == "cuda" else {"foreach": True}
-    optimizer = torch.optim.SGD(head.parameters(), lr=lr0, momentum=lin.momentum,
-                                weight_decay=lin.weight_decay, **fast)
+    lr0 = scaled_lr(lin.lr, lin.lr_batch, cfg, env.world)  # linear scaling, as train.lr
+    optimizer = sgd(head.parameters(), lr0, lin.momentum, lin.weight_decay, env.device.type == "cuda")
     return LinearProbe(cfg=cfg, env=env, out_dir=out_dir, backbone=backbone, head=head, optimizer=optimizer,
                        amp=resolve_amp(cfg, env.device), loader=loader, val_loader=val_loader,
                        num_classes=num_classes, lr0=lr0, pretrained=path, pretrained_step=pstep)
