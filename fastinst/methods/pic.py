@@ -33,7 +33,7 @@ import torch
 from .. import dist as fdist
 from ..pic import LazySGD, ShardedClassifier
 from . import register
-from .base import Method, check_row_layout, embed_views
+from .base import Method, check_row_layout, embed_views, step_generator
 
 
 @register("pic")
@@ -93,7 +93,7 @@ class PIC(Method):
             return None
         if self.sampling == "recent":
             return self.recent.clone()  # [K]; a copy: after_step overwrites the buffer
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self._step) & 0x7FFFFFFF)
+        g = step_generator(self.seed, self._step)
         return torch.randint(self.num_samples, (self.num_negatives,), generator=g).to(device)  # [K]
 
     def forward(self, batch: dict) -> dict:
