@@ -175,6 +175,10 @@ class ModelConfig:
     arch: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = "resnet50"
     # imagenet: 7x7/2 conv + max-pool; small: 3x3/1 conv, no pool (lemniscate resnet_cifar, 28-96 px).
     stem: Literal["imagenet", "small"] = "imagenet"
+    # Stage widths int(64 * width) * {1, 2, 4, 8}, the stem keeping 64 channels (CMC's
+    # resnet50v1/v2/v3 are 0.5/1/2). 1 is the stock torchvision trunk, the only one that
+    # loads into torchvision.models.<arch>() unchanged.
+    width: float = 1.0
     embed_dim: int = 128  # NPID's low_dim
     head: Literal["linear", "mlp", "mlp_nobn"] = "linear"
     hidden_dim: int = 2048  # mlp and mlp_nobn heads only
@@ -190,6 +194,8 @@ class ModelConfig:
 
     def __post_init__(self):
         _check(self.embed_dim >= 1, "model.embed_dim", "must be >= 1 (NPID uses 128)")
+        _check(self.width > 0 and int(64 * self.width) >= 1, "model.width",
+               f"must be > 0 with int(64 * width) >= 1 (1 = torchvision's widths), got {self.width}")
         _check(self.hidden_dim >= 1, "model.hidden_dim", "must be >= 1")
 
 

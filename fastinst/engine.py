@@ -113,7 +113,7 @@ def build_train_model(cfg: Config, env: DistEnv) -> nn.Module:
         raise ConfigError("config key 'model.sync_bn': SyncBatchNorm needs CUDA; set model.sync_bn=false on CPU")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     model = build_model(m.arch, stem=m.stem, embed_dim=m.embed_dim, head=m.head, hidden_dim=m.hidden_dim,
-                        zero_init_residual=m.zero_init_residual,
+                        zero_init_residual=m.zero_init_residual, width=m.width,
                         channels_last=m.channels_last and env.device.type == "cuda", sync_bn=sync_bn,
                         compile=m.compile)
     return env.wrap_ddp(model.to(env.device))

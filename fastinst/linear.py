@@ -52,7 +52,9 @@ from .model import EmbeddingNet, autocast_context, build_model
 __all__ = ["linear_probe", "export_backbone", "load_pretrained", "resolve_pretrained", "LinearProbe"]
 
 # Architecture keys a checkpoint's trunk depends on (the head is never used here).
-_TRUNK_KEYS = ("arch", "stem")
+_TRUNK_KEYS = ("arch", "stem", "width")
+# A saved config from before a key existed: the value that key's absence meant.
+_TRUNK_DEFAULTS = {"width": 1.0}
 
 
 # --------------------------------------------------------------------------- pretrained weights
@@ -81,13 +83,13 @@ def load_pretrained(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict],
     return payload["model"], payload.get("config"), int(payload.get("step", -1)), path
 
 
-def _trunk_spec(cfg: Optional[Config], saved: Optional[dict], path: str) -> Dict[str, str]:
-    """arch/stem of the trunk: the checkpoint's own config, checked against ``cfg.model``."""
+def _trunk_spec(cfg: Optional[Config], saved: Optional[dict], path: str) -> Dict[str, Any]:
+    """arch/stem/width of the trunk: the checkpoint's own config, checked against ``cfg.model``."""
     saved_model = (saved or {}).get("model") or {}
     spec = {}
     for k in _TRUNK_KEYS:
         mine = getattr(cfg.model, k) if cfg is not None else None
-        theirs = saved_model.get(k)
+        theirs = saved_model.get(k, _TRUNK_DEFAULTS.get(k) if saved_model else None)
         if mine is not None and theirs is not None and mine != theirs:
             raise ConfigError(f"config key 'model.{k}': checkpoint {path} was trained with model.{k}={theirs} "
                               f"but the config says {mine}; pass model.{k}={theirs} (or the pretraining config)")
@@ -105,7 +107,7 @@ def load_trunk(model: EmbeddingNet, state: Dict[str, torch.Tensor], path: str) -
     try:
         model.backbone.load_state_dict(trunk, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path}: trunk weights do not fit model.arch/model.stem: {e}") from e
+        raise CheckpointError(f"checkpoint {path}: trunk weights do not fit model.arch/model.stem/model.width: {e}") from e
 
 
 def build_frozen_backbone(cfg: Config, checkpoint: str, env: DistEnv) -> Tuple[EmbeddingNet, str, int]:
@@ -113,8 +115,9 @@ def build_frozen_backbone(cfg: Config, checkpoint: str, env: DistEnv) -> Tuple[E
     state, saved, step, path = load_pretrained(checkpoint)
     spec = _trunk_spec(cfg, saved, path)
     m = cfg.model
-    model = build_model(spec["arch"], stem=spec["stem"], embed_dim=m.embed_dim, head=m.head,
-                        hidden_dim=m.hidden_dim, channels_last=m.channels_last and env.device.type == "cuda")
+    model = build_model(spec["arch"], stem=spec["stem"], width=spec["width"], embed_dim=m.embed_dim,
+                        head=m.head, hidden_dim=m.hidden_dim,
+                        channels_last=m.channels_last and env.device.type == "cuda")
     load_trunk(model, state, path)
     model = model.to(env.device).eval().requires_grad_(False)
     if m.compile:
@@ -131,7 +134,7 @@ def export_backbone(checkpoint: str, out_file: str, cfg: Optional[Config] = None
     misses exactly fc.weight / fc.bias; a 'small' stem's conv1 is 3x3 (see fastinst/model.py)."""
     state, saved, step, path = load_pretrained(checkpoint)
     spec = _trunk_spec(cfg, saved, path)
-    model = EmbeddingNet(spec["arch"], stem=spec["stem"])
+    model = EmbeddingNet(spec["arch"], stem=spec["stem"], width=spec["width"])
     load_trunk(model, state, path)
     sd = model.export_backbone_state_dict()
     out_dir = os.path.dirname(os.path.abspath(out_file))

@@ -50,22 +50,61 @@ HEADS = ("linear", "mlp", "mlp_nobn")
 AMP_MODES = ("off", "bf16", "fp16")
 
 
-def _build_trunk(arch: str, stem: str, zero_init_residual: bool = False) -> Tuple[nn.Module, int]:
+def _scaled_stages(trunk: torchvision.models.ResNet, width: float, zero_init_residual: bool) -> None:
+    """Replace ``layer1..4`` of a torchvision ResNet by stages of int(64 * width) * {1, 2, 4, 8}
+    planes (the stem keeps its 64 channels, as CMC's ``resnet50v1/v2/v3`` trunks do), built
+    from torchvision's own blocks and initialised as torchvision initialises a ResNet."""
+    block = type(trunk.layer1[0])  # BasicBlock or Bottleneck
+    depths = [len(getattr(trunk, f"layer{i}")) for i in range(1, 5)]
+    inplanes = trunk.conv1.out_channels  # 64
+    for i, (depth, mult) in enumerate(zip(depths, (1, 2, 4, 8))):
+        planes, stride, blocks = int(64 * width) * mult, (1 if i == 0 else 2), []
+        for b in range(depth):
+            s = stride if b == 0 else 1
+            down = None
+            if s != 1 or inplanes != planes * block.expansion:
+                down = nn.Sequential(nn.Conv2d(inplanes, planes * block.expansion, 1, stride=s, bias=False),
+                                     nn.BatchNorm2d(planes * block.expansion))
+            blocks.append(block(inplanes, planes, s, down))
+            inplanes = planes * block.expansion
+        setattr(trunk, f"layer{i + 1}", nn.Sequential(*blocks))
+    for m in trunk.modules():  # torchvision's ResNet.__init__ initialisation
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    if zero_init_residual:
+        for m in trunk.modules():
+            last = getattr(m, "bn3", None) if isinstance(m, torchvision.models.resnet.Bottleneck) else (
+                getattr(m, "bn2", None) if isinstance(m, torchvision.models.resnet.BasicBlock) else None)
+            if last is not None:
+                nn.init.zeros_(last.weight)
+    trunk.fc = nn.Linear(inplanes, 1)  # only its in_features is read (feature width), then dropped
+
+
+def _build_trunk(arch: str, stem: str, zero_init_residual: bool = False,
+                 width: float = 1.0) -> Tuple[nn.Module, int]:
     """torchvision ResNet with ``fc`` replaced by Identity, and its pooled feature width.
-    zero_init_residual: the last BN gamma of each residual block starts at 0 (bl0/PIC)."""
+    zero_init_residual: the last BN gamma of each residual block starts at 0 (bl0/PIC).
+    width: stage widths int(64 * width) * {1, 2, 4, 8}; 1 is the stock torchvision trunk."""
     if arch not in ARCHS:
         raise ValueError(f"model.arch={arch!r} is not supported; choose one of {sorted(ARCHS)}")
     if stem not in STEMS:
         raise ValueError(f"model.stem={stem!r} is not supported; choose one of {list(STEMS)}")
+    if not (width > 0 and int(64 * width) >= 1):
+        raise ValueError(f"model.width={width!r} must be > 0 with int(64 * width) >= 1")
     trunk = ARCHS[arch](weights=None, zero_init_residual=zero_init_residual)
     if stem == "small":
         # CIFAR-style stem (lemniscate models/resnet_cifar.py): 3x3 stride-1 conv and no
         # max-pool, so 28-96 px inputs are not downsampled 4x before layer1.
         trunk.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         trunk.maxpool = nn.Identity()
+    if width != 1.0:
+        _scaled_stages(trunk, width, zero_init_residual)
     # Identity keeps the torchvision module names (conv1, layer1..4, ...) and has no
     # parameters, so the trunk's state_dict is a torchvision state_dict minus fc.*.
-    feature_dim = trunk.fc.in_features  # 512 (resnet18/34) or 2048 (resnet50+)
+    feature_dim = trunk.fc.in_features  # 512 (resnet18/34) or 2048 (resnet50+), times width
     trunk.fc = nn.Identity()
     return trunk, feature_dim
 
@@ -106,6 +145,7 @@ class EmbeddingNet(nn.Module):
         head: str = "linear",
         hidden_dim: int = 2048,
         zero_init_residual: bool = False,
+        width: float = 1.0,
     ) -> None:
         super().__init__()
         if embed_dim <= 0 or hidden_dim <= 0:
@@ -114,8 +154,9 @@ class EmbeddingNet(nn.Module):
             )
         self.arch = arch
         self.stem = stem
+        self.width = width
         self.embed_dim = embed_dim
-        self.backbone, self.feature_dim = _build_trunk(arch, stem, zero_init_residual)
+        self.backbone, self.feature_dim = _build_trunk(arch, stem, zero_init_residual, width)
         self.head = _build_head(head, self.feature_dim, embed_dim, hidden_dim)
         # Set by build_model(channels_last=True): inputs are converted on entry so that a
         # caller handing NCHW-contiguous images does not silently fall back to slow kernels.
@@ -145,7 +186,8 @@ class EmbeddingNet(nn.Module):
         ``strict=False``; the returned ``missing_keys`` is then exactly
         ``["fc.weight", "fc.bias"]`` and ``unexpected_keys`` is empty. With
         ``stem="small"`` ``conv1.weight`` is 3x3, so the receiving torchvision model needs
-        the same stem surgery (see ``_build_trunk``) before loading. SyncBatchNorm layers
+        the same stem surgery (see ``_build_trunk``) before loading, and a ``width`` other
+        than 1 needs a trunk of the same stage widths (the keys are the same). SyncBatchNorm layers
         export the same keys as BatchNorm2d. Tensors are detached CPU copies.
         """
         return OrderedDict(
@@ -162,6 +204,7 @@ def build_model(
     head: str = "linear",
     hidden_dim: int = 2048,
     zero_init_residual: bool = False,
+    width: float = 1.0,
     channels_last: bool = False,
     sync_bn: bool = False,
     compile: bool = False,
@@ -178,7 +221,7 @@ def build_model(
         between compiled and eager runs).
     """
     model = EmbeddingNet(arch, stem=stem, embed_dim=embed_dim, head=head, hidden_dim=hidden_dim,
-                         zero_init_residual=zero_init_residual)
+                         zero_init_residual=zero_init_residual, width=width)
     if sync_bn:
         # Returns the same top-level object (it is not a BN layer); children are swapped.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -159,3 +159,65 @@ def test_bad_arch_names_the_key():
         build_model("resnet18", stem="tiny")
     with pytest.raises(ValueError, match="model.head"):
         build_model("resnet18", head="conv")
+
+
+@pytest.mark.parametrize("arch, width, expansion, depths", [
+    ("resnet18", 0.5, 1, (2, 2, 2, 2)),
+    ("resnet18", 0.25, 1, (2, 2, 2, 2)),
+    ("resnet50", 0.5, 4, (3, 4, 6, 3)),  # CMC's resnet50v1 trunk
+    ("resnet50", 2.0, 4, (3, 4, 6, 3)),  # CMC's resnet50v3 trunk
+])
+def test_width_scales_the_stages_and_keeps_the_stem(arch, width, expansion, depths):
+    """Stage s has int(64 * width) * 2**s planes (x4 out for Bottleneck), the stem keeps 64
+    channels (CMC), strides as torchvision, and initialisation as torchvision's ResNet."""
+    torch.manual_seed(0)
+    model = build_model(arch, stem="imagenet", width=width, zero_init_residual=True).eval()
+    t = model.backbone
+    assert t.conv1.out_channels == 64
+    inplanes = 64
+    for s, depth in enumerate(depths):
+        layer = getattr(t, f"layer{s + 1}")
+        planes = int(64 * width) * 2 ** s
+        assert len(layer) == depth
+        for b, blk in enumerate(layer):
+            convs = [m for n, m in blk.named_children() if n.startswith("conv")]
+            assert convs[0].in_channels == inplanes and convs[-1].out_channels == planes * expansion
+            assert all(c.out_channels == planes for c in convs[:-1])
+            stride = 2 if (s > 0 and b == 0) else 1
+            assert max(c.stride[0] for c in convs) == stride
+            has_down = stride != 1 or inplanes != planes * expansion
+            assert (blk.downsample is not None) == has_down
+            last_bn = blk.bn3 if expansion == 4 else blk.bn2
+            assert torch.count_nonzero(last_bn.weight) == 0  # zero_init_residual
+            assert torch.all(blk.bn1.weight == 1) and torch.all(blk.bn1.bias == 0)
+            inplanes = planes * expansion
+    assert model.feature_dim == int(64 * width) * 8 * expansion
+    x = torch.randn(2, 3, 64, 64)
+    assert model.backbone_features(x).shape == (2, model.feature_dim)
+    z = model(x)
+    assert z.shape == (2, 128)
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(2))
+    # Conv weights follow kaiming_normal(fan_out): std sqrt(2 / (out * k * k)).
+    c = t.layer4[0].conv1
+    fan_out = c.out_channels * c.kernel_size[0] * c.kernel_size[1]
+    assert float(c.weight.detach().std()) == pytest.approx((2.0 / fan_out) ** 0.5, rel=0.1)
+
+
+def test_width_one_is_the_stock_torchvision_trunk():
+    torch.manual_seed(0)
+    ours = build_model("resnet18", stem="imagenet", width=1.0).backbone
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18()
+    sd = tv.state_dict()
+    mine = ours.state_dict()
+    assert set(mine) == set(sd) - {"fc.weight", "fc.bias"}
+    assert all(torch.equal(mine[k], sd[k]) for k in mine)
+
+
+def test_bad_width_names_the_key():
+    from fastinst.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"'model\.width'"):
+        load_config(None, ["model.width=0"])
+    with pytest.raises(ValueError, match=r"model\.width"):
+        build_model("resnet18", width=0.001)
