@@ -37,20 +37,26 @@ def register(name: str):
 
 
 def available() -> list:
+    """Registered method names, in registration order."""
     _import_all()
-    return sorted(_REGISTRY)
+    return list(_REGISTRY)
 
 
 def _import_all() -> None:
-    from . import moco, npid, pic, simclr  # noqa: F401  (each registers itself)
+    from . import npid, pic, moco, simclr  # noqa: F401  (each registers itself)
+
+
+def method_class(name: str):
+    """The class registered as ``name``; a ConfigError naming ``method.name`` otherwise."""
+    _import_all()
+    if name not in _REGISTRY:
+        from ..config import ConfigError
+
+        raise ConfigError(f"config key 'method.name': must be one of {available()}, got {name!r}")
+    return _REGISTRY[name]
 
 
 def build_method(cfg, model, num_samples: int, ranks, *, labels=None, device=None):
     """Instantiate ``cfg.method.name`` for a training set of ``num_samples`` images."""
-    _import_all()
-    name = cfg.method.name
-    if name not in _REGISTRY:
-        from ..config import ConfigError
-
-        raise ConfigError(f"config key 'method.name': unknown method {name!r}; choose one of {available()}")
-    return _REGISTRY[name].from_config(cfg, model, num_samples, ranks, labels=labels, device=device)
+    return method_class(cfg.method.name).from_config(cfg, model, num_samples, ranks, labels=labels,
+                                                     device=device)

@@ -28,6 +28,20 @@ from ..config import ConfigError
 class Method(nn.Module):
     """Base class of every registered method (see the module docstring for the protocol)."""
 
+    # Views per image the method needs from the loader (None: any number), and what they are.
+    needs_views: Optional[int] = None
+    views_are: str = ""
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Start-up checks of the rest of the config that this method depends on (called while
+        the config is built, so a bad combination fails before anything runs)."""
+        if cls.needs_views is not None and cfg.aug.num_views != cls.needs_views:
+            raise ConfigError(
+                f"config key 'aug.crops': method.name={cfg.method.name} needs exactly {cls.needs_views} views per "
+                f"image ({cls.views_are}), got {cfg.aug.num_views}; use "
+                f"aug.crops=[{{count: {cls.needs_views}, size: 224, scale: [0.2, 1.0]}}]")
+
     @classmethod
     def from_config(cls, cfg, model, num_samples: int, ranks, *, labels=None, device=None) -> "Method":
         raise NotImplementedError

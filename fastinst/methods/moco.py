@@ -28,6 +28,16 @@ from .base import Method, step_generator, unwrap
 class MoCo(Method):
     """Key encoder + queue (both in this state_dict); the query encoder is the engine's model."""
 
+    needs_views, views_are = 2, "a query/key pair"
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        if cfg.method.moco.shuffle_bn and cfg.model.sync_bn:
+            raise ConfigError("config key 'method.moco.shuffle_bn': and model.sync_bn are both true; SyncBN "
+                              "already mixes statistics over all ranks, set method.moco.shuffle_bn=false (or "
+                              "model.sync_bn=false)")
+
     def __init__(self, model, *, K: int = 65536, m: float = 0.999, T: float = 0.2, shuffle_bn: bool = True,
                  global_batch: int, embed_dim: int = 128, seed: int = 0, device=None):
         super().__init__()

@@ -15,6 +15,8 @@ from .base import Method, embed_views
 
 @register("simclr")
 class SimCLR(Method):
+    needs_views, views_are = 2, "a positive pair"
+
     def __init__(self, model, *, T: float = 0.1, device=None):
         super().__init__()
         object.__setattr__(self, "model", model)  # plain attribute: the engine saves its weights
