@@ -37,6 +37,20 @@ def make_colour_zip(root: str, n: int = 24, split: str = "train", **kw) -> str:
     return root
 
 
+def channel_items(n: int, size=(20, 20)):
+    """Constant-colour images whose class is the dominant channel (i % 3 at 200, the other two
+    channels at 40-100): 3 classes separated by a wide margin in RGB, and so in the pooled
+    features of a (random) ResNet, unlike ``colour_items`` whose labels are unrelated to the
+    colour."""
+    for i in range(n):
+        c = i % 3
+        rgb = [40 + 30 * ((i // 3) % 3), 40 + 30 * ((i // 9) % 3)]
+        rgb.insert(c, 200)
+        arr = np.empty((size[1], size[0], 3), dtype=np.uint8)
+        arr[:] = rgb
+        yield f"c{c}/img_{i:04d}.jpg", jpeg_bytes(arr), c
+
+
 def make_colour_train_val(root: str, n_train: int = 32, n_val: int = 16, size=(20, 20)) -> str:
     """A tiny train + val pair in the zip layout (the trainer tests' dataset)."""
     make_colour_zip(root, n=n_train, size=size)

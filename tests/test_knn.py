@@ -21,31 +21,49 @@ def _clustered(n_train, n_query, num_classes, dim, noise, seed):
     return q, ql, t, tl
 
 
+# A decision closer to a tie than this may go either way in float32 (similarities of these 16-d
+# unit vectors are exact to ~1e-7, the weights exp(s / sigma) then to ~1e-7 / sigma relative):
+# such queries may differ from the float64 reference, by one count each.
+_TIE = 1e-6
+
+
 def _reference(q, ql, t, tl, num_classes, k, sigma):
-    """Independent float64 NPID weighted kNN, one query at a time in plain Python."""
+    """Independent float64 NPID weighted kNN, one query at a time in plain Python. Returns
+    (top1 %, top5 %, queries whose top-1 / top-5 decision is within float32 rounding of a tie)."""
     q = q.double()
     t = t.double()
     qn = q / q.norm(dim=1, keepdim=True)
     tn = t / t.norm(dim=1, keepdim=True)
     labels = tl.tolist()
     top1 = top5 = 0
+    near_tie = 0
     for i in range(q.shape[0]):
         sims = (tn @ qn[i]).tolist()
-        nearest = sorted(range(len(sims)), key=lambda j: -sims[j])[:k]
+        order = sorted(range(len(sims)), key=lambda j: -sims[j])
+        nearest = order[:k]
         votes = [0.0] * num_classes
         for j in nearest:
-            votes[labels[j]] += math.exp(sims[j] / sigma)
+            votes[labels[j]] += math.exp((sims[j] - 1.0) / sigma)  # shifted: same ranking, no overflow
         ranking = sorted(range(num_classes), key=lambda c: -votes[c])
         target = int(ql[i])
         top1 += ranking[0] == target
         top5 += target in ranking[:5]
+        cut = k < len(sims) and sims[order[k - 1]] - sims[order[k]] < _TIE  # who is in the k nearest
+        others = sorted((votes[c] for c in range(num_classes) if c != target), reverse=True)
+        close = [abs(votes[target] - others[r]) < _TIE / sigma * max(votes[target], others[r]) and
+                 votes[target] + others[r] > 0  # exact zeros are no rounding question
+                 for r in (0, 4) if r < len(others)]  # against the best other class, and the 5th best
+        near_tie += bool(cut or any(close))
     n = q.shape[0]
-    return 100.0 * top1 / n, 100.0 * top5 / n
+    return 100.0 * top1 / n, 100.0 * top5 / n, near_tie
 
 
 def _check(result, ref):
-    assert result["top1"] == pytest.approx(ref[0], abs=1e-9)
-    assert result["top5"] == pytest.approx(ref[1], abs=1e-9)
+    """Equal to the reference, up to one count for each query that is within rounding of a tie
+    (there are none in most cases; the margin is counted, not guessed)."""
+    slack = 100.0 * ref[2] / result["n"] + 1e-9
+    assert result["top1"] == pytest.approx(ref[0], abs=slack)
+    assert result["top5"] == pytest.approx(ref[1], abs=slack)
 
 
 @pytest.mark.parametrize(
