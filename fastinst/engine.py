@@ -317,6 +317,8 @@ class Trainer:
     skipped: int = 0  # all non-finite steps of the run
     extra_optimizers: List[torch.optim.Optimizer] = field(default_factory=list)  # method-owned (PIC's LazySGD)
     epoch_scale: float = 1.0  # loader epochs per pass over the data (sliding window: N/window)
+    eval_s: Optional[float] = None  # wall seconds of the last kNN evaluation (for the run's ETA)
+    eta_printed: bool = False
 
     @property
     def ckpt_dir(self) -> str:
@@ -484,6 +486,20 @@ def _skip_step(tr: Trainer, snap, bufs, epoch: int) -> None:
             "lower train.lr, raise the method's temperature T or use model.amp=off, then resume")
 
 
+def _evals_left(tr: Trainer, epoch: int) -> int:
+    """kNN evaluations still to come after loader epoch ``epoch`` (0-based, in progress): one
+    at each pass that is a multiple of train.eval_every, and one at the end."""
+    every = tr.cfg.train.eval_every
+    if not every:
+        return 0
+    last = tr.passes(tr.loader_epochs)
+    return len({p for p in range(tr.passes(epoch) + 1, last + 1) if p % every == 0} | {last})
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 def _log_step(tr: Trainer, log: MetricsLog, meter: Meter, epoch: int, loss: float, lr: float) -> None:
     spe = len(tr.loader)
     rec = {"kind": "train", "step": tr.step, "epoch": epoch + tr.loader.next_batch / spe,
@@ -491,10 +507,21 @@ def _log_step(tr: Trainer, log: MetricsLog, meter: Meter, epoch: int, loss: floa
     log.write(rec)
     done = tr.loader.next_batch / max(spe, 1)
     bar = "#" * int(20 * done) + "." * (20 - int(20 * done))  # progress through this epoch
-    left = (spe - tr.loader.next_batch) * tr.cfg.loader.batch_size / max(rec["images_per_s"], 1e-9)
+    per_step = tr.cfg.loader.batch_size / max(rec["images_per_s"], 1e-9)  # seconds
+    total = tr.loader_epochs * spe if not tr.cfg.train.max_steps else min(tr.cfg.train.max_steps,
+                                                                            tr.loader_epochs * spe)
+    evals = _evals_left(tr, epoch)
+    run_left = max(total - tr.step, 0) * per_step + evals * (tr.eval_s or 0.0)
     log0(tr.env, f"ep {epoch + 1}/{tr.loader_epochs} [{bar}] step {tr.step} ({tr.loader.next_batch}/{spe}) "
                  f"loss {loss:.4f} lr {lr:.4g} {rec['images_per_s']:.0f} img/s/rank "
-                 f"wait {100 * rec['data_wait']:.0f}% epoch ETA {left:.0f}s")
+                 f"wait {100 * rec['data_wait']:.0f}% ETA epoch {(spe - tr.loader.next_batch) * per_step:.0f}s "
+                 f"run {_duration(run_left)}")
+    if not tr.eta_printed:  # once, from the first logged throughput
+        tr.eta_printed = True
+        ev = (f" + {evals} kNN evaluation(s) at ~{tr.eval_s:.0f}s each" if evals and tr.eval_s is not None
+              else f" + {evals} kNN evaluation(s)" if evals else "")
+        log0(tr.env, f"expected duration: ~{_duration(run_left)} more ({total - tr.step} steps at "
+                     f"{rec['images_per_s']:.0f} img/s/rank{ev})")
     meter.reset()
 
 
@@ -503,9 +530,11 @@ def _train_loop(tr: Trainer, log: MetricsLog) -> None:
     spe = len(loader)
     bufs = _float_buffers(tr.model)  # BN running stats, snapshot per step (~100 small copies for R50)
     snap = [b.clone() for b in bufs]
-    meter, stop = Meter(cfg.loader.batch_size), False
+    meter, stop, started = Meter(cfg.loader.batch_size), False, False
     if cfg.eval.at_start and tr.step == 0:
+        t0 = time.perf_counter()
         res = evaluate(tr, features="recompute")  # the bank is still random: use the network itself
+        tr.eval_s = time.perf_counter() - t0
         log.write({"kind": "eval", "step": 0, "epoch": 0, "init": True, **res})
         log0(env, f"random init: kNN top1 {res['knn_top1']:.2f} top5 {res['knn_top5']:.2f} (recomputed features)")
     tr.model.train()
@@ -513,6 +542,10 @@ def _train_loop(tr: Trainer, log: MetricsLog) -> None:
         epoch, meter_t = loader.epoch, time.perf_counter()
         for batch in loader:
             meter.wait += time.perf_counter() - meter_t
+            if not started:  # the loader's start-up is not throughput: time from the first batch on
+                started = True
+                log0(env, f"first batch after {meter.wait:.1f}s (loader start-up)")
+                meter.reset()
             lr = lr_at(tr.step, cfg, spe, tr.lr0, tr.epoch_scale)
             for opt in tr.optimizers:  # the model's and the method's (same schedule)
                 for g in opt.param_groups:
@@ -538,7 +571,9 @@ def _train_loop(tr: Trainer, log: MetricsLog) -> None:
         last = stop or done >= tr.loader_epochs
         passed = tr.passes(done) if tr.passes(done) > tr.passes(epoch) else 0  # a pass over the data ended
         if t.eval_every and (last or (passed and passed % t.eval_every == 0)):
+            t0 = time.perf_counter()
             res = evaluate(tr)
+            tr.eval_s = time.perf_counter() - t0
             log.write({"kind": "eval", "step": tr.step, "epoch": done, **res})
             log0(env, f"ep {done}/{tr.loader_epochs} kNN top1 {res['knn_top1']:.2f} top5 {res['knn_top5']:.2f}")
         if last or (t.ckpt_every and passed and passed % t.ckpt_every == 0):
