@@ -1,3 +1,4 @@
+import dataclasses
 import glob
 import os
 
@@ -8,10 +9,106 @@ from fastinst.config import ConfigError, load_config, save_config, to_dict
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
-def test_every_config_loads(path):
-    cfg = load_config(path)
-    assert cfg.aug.num_views >= 1
+# The key numbers of every shipped recipe, from the seed each follows (the FMNIST demos: the
+# numbers README.md reports them with). A config added to configs/ must be added here.
+_NPID_AUG = {"aug.crops": [(1, 224, (0.2, 1.0))], "aug.jitter": (0.4, 0.4, 0.4, 0.4), "aug.jitter_p": 1.0,
+             "aug.grey_p": 0.2, "aug.blur_p": 0.0}  # lemniscate main.py transforms
+_SIMCLR_AUG = {"aug.jitter": (0.8, 0.8, 0.8, 0.2), "aug.jitter_p": 0.8, "aug.grey_p": 0.2, "aug.blur_p": 0.5,
+               "aug.blur_sigma": (0.1, 2.0)}  # SimCLR appendix A / PIC --aug SimCLR
+_IMAGENET_EVAL = {"aug.eval_resize": 256, "aug.eval_crop": 224, "eval.knn_k": 200, "eval.knn_sigma": 0.07}
+_PIC_REPO_MODEL = {"model.arch": "resnet50", "model.head": "mlp_nobn", "model.zero_init_residual": True}
+_FMNIST = {"aug.crops": None, "model.arch": "resnet18", "aug.eval_crop": 28, "eval.knn_k": 200,
+           "eval.knn_sigma": 0.1, "eval.features": "recompute", "eval.at_start": True}
+RECIPES = {
+    # lemniscate.pytorch ImageNet: NCE, K 4096, T 0.07, m 0.5, lr 0.03, batch 256, 200 epochs, x0.1 at 120/160.
+    "npid_imagenet_r50.yaml": {
+        **_NPID_AUG, **_IMAGENET_EVAL, "method.name": "npid", "model.arch": "resnet50", "model.embed_dim": 128,
+        "method.npid.K": 4096, "method.npid.T": 0.07, "method.npid.momentum": 0.5, "method.npid.loss": "nce",
+        "train.lr": 0.03, "train.lr_batch": 256, "train.epochs": 200, "train.schedule": "step",
+        "train.milestones": (120, 160), "train.gamma": 0.1, "train.weight_decay": 1e-4, "train.momentum": 0.9},
+    "npid_imagenet_r18.yaml": {
+        **_NPID_AUG, **_IMAGENET_EVAL, "method.name": "npid", "model.arch": "resnet18", "method.npid.K": 4096,
+        "method.npid.T": 0.07, "method.npid.momentum": 0.5, "method.npid.loss": "nce", "train.lr": 0.03,
+        "train.lr_batch": 256, "train.epochs": 200, "train.milestones": (120, 160), "train.weight_decay": 1e-4},
+    # NPID's full-softmax variant (K = 0: all N rows; MMSelfSup's NPID softmax protocol at full size).
+    "npid_imagenet_fullsoftmax_r50.yaml": {
+        **_NPID_AUG, **_IMAGENET_EVAL, "method.name": "npid", "model.arch": "resnet50", "method.npid.K": 0,
+        "method.npid.loss": "softmax", "method.npid.T": 0.07, "method.npid.momentum": 0.5, "train.lr": 0.03,
+        "train.epochs": 200, "train.milestones": (120, 160), "train.weight_decay": 1e-4},
+    # bl0/PIC scripts/InstDisc.sh: softmax over 65536 sampled rows, cosine with 5 warm-up epochs.
+    "instdisc_imagenet_r50.yaml": {
+        **_NPID_AUG, **_IMAGENET_EVAL, **_PIC_REPO_MODEL, "method.name": "npid", "method.npid.K": 65536,
+        "method.npid.T": 0.07, "method.npid.momentum": 0.5, "method.npid.loss": "softmax",
+        "train.schedule": "cosine", "train.warmup_epochs": 5, "train.epochs": 200, "train.lr": 0.03},
+    # bl0/PIC scripts/PIC.sh: T 0.2, window 131072 / stride 16384, 1x160 + 3x96 multi-crop, cosine.
+    "pic_imagenet_r50.yaml": {
+        **_SIMCLR_AUG, **_IMAGENET_EVAL, **_PIC_REPO_MODEL, "method.name": "pic", "method.pic.T": 0.2,
+        "method.pic.negatives": 0, "sampler.kind": "sliding_window", "sampler.window": 131072,
+        "sampler.stride": 16384, "sampler.reshuffle": True,
+        "aug.crops": [(1, 160, (0.14, 1.0)), (3, 96, (0.08, 0.14))], "train.epochs": 200, "train.lr": 0.03,
+        "train.lr_batch": 256, "train.schedule": "cosine", "train.warmup_epochs": 5, "train.weight_decay": 1e-4},
+    # MoCo v2: K 65536, m 0.999, T 0.2, MLP head, crop (0.2, 1), jitter 0.4/0.4/0.4/0.1 p 0.8, blur 0.5.
+    "mocov2_imagenet_r50.yaml": {
+        **_IMAGENET_EVAL, **_PIC_REPO_MODEL, "method.name": "moco", "method.moco.K": 65536, "method.moco.m": 0.999,
+        "method.moco.T": 0.2, "aug.crops": [(2, 224, (0.2, 1.0))], "aug.jitter": (0.4, 0.4, 0.4, 0.1),
+        "aug.jitter_p": 0.8, "aug.grey_p": 0.2, "aug.blur_p": 0.5, "train.lr": 0.03, "train.lr_batch": 256,
+        "train.epochs": 200, "train.schedule": "cosine", "train.weight_decay": 1e-4},
+    # SimCLR: NT-Xent T 0.1 (PIC's SimCLR.sh), LARS lr 0.3 per 256, wd 1e-6, crop (0.08, 1).
+    "simclr_imagenet_r50.yaml": {
+        **_SIMCLR_AUG, **_IMAGENET_EVAL, **_PIC_REPO_MODEL, "method.name": "simclr", "method.simclr.T": 0.1,
+        "aug.crops": [(2, 224, (0.08, 1.0))], "train.optimizer": "lars", "train.lr": 0.3, "train.lr_batch": 256,
+        "train.weight_decay": 1e-6, "train.schedule": "cosine", "train.epochs": 200},
+    # Loader benchmarks: SimCLR's 2x224 views and PIC's multi-crop, batch 64 (README Profiling).
+    "profile_simclr.yaml": {**_SIMCLR_AUG, "aug.crops": [(2, 224, (0.08, 1.0))], "loader.batch_size": 64,
+                            "profile.backends": ("dali", "torch")},
+    "profile_multicrop.yaml": {"aug.crops": [(1, 160, (0.14, 1.0)), (3, 96, (0.08, 0.14))],
+                               "loader.batch_size": 64},
+    # The Fashion-MNIST demos (README 'Methods' table: images, epochs, batch).
+    "simclr_fmnist.yaml": {**_FMNIST, "aug.crops": [(2, 28, (0.3, 1.0))], "data.path": "data/fmnist_10k",
+                           "method.name": "simclr", "method.simclr.T": 0.2, "train.epochs": 10,
+                           "loader.batch_size": 32, "model.head": "mlp"},
+    "mocov2_fmnist.yaml": {**_FMNIST, "aug.crops": [(2, 28, (0.3, 1.0))], "data.path": "data/fmnist_10k",
+                           "method.name": "moco", "method.moco.K": 4096, "method.moco.m": 0.99,
+                           "method.moco.T": 0.2, "train.epochs": 10, "loader.batch_size": 32, "model.head": "mlp"},
+    "pic_fmnist.yaml": {**_FMNIST, "aug.crops": [(1, 28, (0.3, 1.0)), (2, 16, (0.1, 0.3))],
+                        "data.path": "data/fmnist_2k", "method.name": "pic", "method.pic.T": 0.2,
+                        "sampler.kind": "sliding_window", "sampler.window": 512, "sampler.stride": 128,
+                        "sampler.reshuffle": True, "train.epochs": 50, "loader.batch_size": 32,
+                        "model.head": "mlp_nobn"},
+    # The README's main job: sized to finish in minutes on 2 cores (README 'Set-up').
+    "npid_fmnist.yaml": {**_FMNIST, "aug.crops": [(1, 28, (0.3, 1.0))], "data.path": "data/fmnist_10k",
+                         "method.name": "npid", "method.npid.K": 0, "method.npid.loss": "softmax",
+                         "method.npid.T": 0.1, "method.npid.momentum": 0.5, "model.width": 0.25,
+                         "model.stem": "imagenet", "train.epochs": 8, "loader.batch_size": 32,
+                         "train.eval_every": 4, "model.head": "linear", "train.schedule": "cosine"},
+}
+
+
+def _get(cfg, dotted):
+    v = cfg
+    for part in dotted.split("."):
+        v = getattr(v, part)
+    return v
+
+
+def test_every_shipped_config_has_its_key_numbers_listed():
+    shipped = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))}
+    assert shipped == set(RECIPES)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_config_loads_with_its_recipe(name):
+    cfg = load_config(os.path.join(ROOT, "configs", name))
+    for key, want in RECIPES[name].items():
+        if key == "aug.crops":
+            if want is not None:
+                assert [(c.count, c.size, c.scale) for c in cfg.aug.crops] == want, name
+            continue
+        got = _get(cfg, key)
+        if isinstance(want, float):
+            assert got == pytest.approx(want, rel=1e-12), f"{name}: {key}={got}, the recipe says {want}"
+        else:
+            assert got == want, f"{name}: {key}={got!r}, the recipe says {want!r}"
 
 
 def test_overrides_typed():
@@ -48,8 +145,10 @@ def test_unknown_key_in_yaml_names_file(tmp_path):
 
 def test_frozen_and_roundtrip(tmp_path):
     cfg = load_config(None, ["aug.crops=[{count: 2, size: 64}]"])
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError, match="batch_size"):
         cfg.loader.batch_size = 3
+    with pytest.raises(dataclasses.FrozenInstanceError, match="crops"):
+        cfg.aug.crops = ()
     save_config(cfg, str(tmp_path / "saved.yaml"))
     again = load_config(str(tmp_path / "saved.yaml"))
     assert to_dict(again) == to_dict(cfg) and again == cfg

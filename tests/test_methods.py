@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from datagen import make_colour_train_val
+from descent import assert_one_step_descends, trained_params
 from fastinst import engine
 from fastinst.config import ConfigError, load_config
 from fastinst.methods import available
@@ -40,19 +41,31 @@ def metrics(out, kind="train"):
 
 
 @pytest.mark.parametrize("over", [
+    ["method.name=npid", "method.npid.K=8"],  # NCE over 8 noise rows
+    ["method.name=npid", "method.npid.K=0", "method.npid.loss=softmax"],  # full softmax over the bank
     ["method.name=pic", MULTICROP],  # full softmax, multi-crop (small crops: detached weight)
     ["method.name=pic", MULTICROP, "method.pic.negatives=8", "method.pic.sampling=uniform"],
     ["method.name=moco", "method.moco.K=32"],
     ["method.name=simclr", "method.simclr.T=0.2", "train.optimizer=lars", "train.weight_decay=1.0e-6"],
-], ids=["pic", "pic-sampled", "moco", "simclr-lars"])
+], ids=["npid-nce", "npid-softmax", "pic", "pic-sampled", "moco", "simclr-lars"])
 def test_method_trains_through_engine(colours, tmp_path, over):
+    """Each method through the engine: finite losses and a kNN record, every parameter its
+    optimisers own moved, and one engine step descends the method's loss (tests/descent.py:
+    first-order descent on a fixed batch, which a wrong sign, a detached parameter group or an
+    unstepped optimiser breaks; a 4-step loss curve with moving targets could not show it)."""
+    cfg = tiny_cfg(colours, "train.eval_every=1", *over)
+    init = assert_one_step_descends(cfg, str(tmp_path / "descent"))
     out = str(tmp_path / "run")
-    tr = engine.train(tiny_cfg(colours, "train.eval_every=1", *over), out)
+    tr = engine.train(cfg, out)
     losses = [r["loss"] for r in metrics(out)]
     assert tr.step == 4 and len(losses) == 4 and all(math.isfinite(x) for x in losses)
     ev = metrics(out, "eval")
     assert len(ev) == 1 and 0 <= ev[0]["knn_top1"] <= ev[0]["knn_top5"] <= 100
     assert all(torch.isfinite(p).all() for p in tr.model.parameters())
+    trained = trained_params(tr)
+    assert len(trained) == len(init) and all(p.shape == q.shape for p, q in zip(trained, init))
+    still = [i for i, (p, q) in enumerate(zip(trained, init)) if torch.equal(p.detach(), q)]
+    assert not still, f"parameters the optimisers own that never moved: {still}"
 
 
 def test_pic_classifier_out_of_ddp_with_own_optimizer(colours, tmp_path):
@@ -85,6 +98,38 @@ def test_pic_resume_reproduces_uninterrupted_run(colours, tmp_path):
     assert sa._tree.lrs == pytest.approx(sb._tree.lrs)
     for p, q in zip(resumed.model.parameters(), straight.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("over", [
+    ["method.name=moco", "method.moco.K=16", "method.moco.m=0.9"],
+    ["method.name=simclr", "method.simclr.T=0.2", "train.optimizer=lars", "train.weight_decay=1.0e-6"],
+], ids=["moco", "simclr-lars"])
+def test_moco_simclr_resume_reproduces_uninterrupted_run(colours, tmp_path, over):
+    """Stopped mid-epoch and resumed == uninterrupted, as for NPID and PIC: MoCo's key encoder,
+    queue (and its pointer) and BN-shuffle seeds, SimCLR's LARS momentum, the model, the loader
+    position and the per-step lr all come back from the checkpoint."""
+    a, b = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    over = over + ["train.epochs=2", "train.warmup_epochs=0.5"]
+    straight = engine.train(tiny_cfg(colours, *over), a)
+    first = engine.train(tiny_cfg(colours, *over, "train.max_steps=3"), b)  # stops mid-epoch 1
+    assert first.step == 3 and (first.loader.epoch, first.loader.next_batch) == (0, 3)
+    resumed = engine.train(tiny_cfg(colours, *over), b, resume="auto")
+    assert resumed.step == straight.step == 8
+    la, lb = ([(r["step"], r["loss"], r["lr"]) for r in metrics(d)] for d in (a, b))
+    assert [s for s, _, _ in lb] == list(range(1, 9))
+    assert [v for x in lb for v in x[1:]] == pytest.approx([v for x in la for v in x[1:]], rel=1e-5, abs=1e-6)
+    for p, q in zip(resumed.model.parameters(), straight.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    ms, mr = straight.method.state_dict(), resumed.method.state_dict()
+    assert set(ms) == set(mr)
+    for k in ms:  # MoCo: key encoder and queue; SimCLR: nothing
+        torch.testing.assert_close(mr[k], ms[k], rtol=1e-5, atol=1e-6)
+    for oa, ob in zip(straight.optimizers, resumed.optimizers):
+        sa, sb = oa.state_dict()["state"], ob.state_dict()["state"]
+        assert set(sa) == set(sb) and sa
+        for i in sa:
+            for k in sa[i]:
+                torch.testing.assert_close(sb[i][k], sa[i][k], rtol=1e-5, atol=1e-6)
 
 
 def test_sliding_window_rescales_epochs(colours, tmp_path):
