@@ -29,3 +29,17 @@ def test_step_time_benchmark_writes_every_case(tmp_path):
                                   "pic_imagenet_r50: full-softmax step / K=16 step"}
     md = (tmp_path / "st.md").read_text()
     assert res["device"] in md and "pic_imagenet_r50 (K=16)" in md
+
+
+def test_model_speed_benchmark_reports_each_thread_count(tmp_path):
+    out = tmp_path / "ms"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "model_speed.py"), "--out", str(out), "--threads", "1", "2",
+           "--steps", "2", "--warmup", "0", "--batch", "4", "--width", "0.25"]
+    printed = subprocess.run(cmd, check=True, cwd=ROOT, timeout=300, capture_output=True, text=True).stdout
+    res = json.loads((tmp_path / "ms.json").read_text())
+    assert res["model"] == {"arch": "resnet18", "stem": "imagenet", "width": 0.25, "size": 28, "batch": 4}
+    assert [r["threads"] for r in res["runs"]] == [1, 2]
+    for r in res["runs"]:
+        assert r["step_ms_median"] > 0 and math.isclose(r["images_per_s"], 4000 / r["step_ms_median"])
+        assert math.isclose(r["images_per_s_per_thread"], r["images_per_s"] / r["threads"])
+    assert printed.count("thread(s):") == 2 and res["device"] in printed
