@@ -17,10 +17,14 @@ if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv"
   "$PY" -m venv .venv
 fi
+# requirements-lock.txt pins every package, transitive ones included (scripts/lock.sh writes it
+# from requirements-test.txt), so CI and every new machine get the same versions. --no-deps: only
+# what the lock names is installed; pip check then fails if the lock misses a dependency.
 if ! .venv/bin/python -c "import torch, torchvision, nvidia.dali, yaml, pytest" 2>/dev/null \
-   || [ requirements.txt -nt .venv/.installed ] || [ requirements-test.txt -nt .venv/.installed ]; then
-  echo "[setup] pip install -r requirements-test.txt"
-  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-test.txt
-  touch .venv/.installed
+   || ! cmp -s requirements-lock.txt .venv/.installed; then
+  echo "[setup] pip install --no-deps -r requirements-lock.txt"
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-lock.txt
+  .venv/bin/python -m pip check --disable-pip-version-check
+  cp requirements-lock.txt .venv/.installed
 fi
 echo "[setup] ok: $(.venv/bin/python -c 'import torch, nvidia.dali as d; print("torch", torch.__version__, "dali", d.__version__)')"
