@@ -53,33 +53,32 @@ AMP_MODES = ("off", "bf16", "fp16")
 def _scaled_stages(trunk: torchvision.models.ResNet, width: float, zero_init_residual: bool) -> None:
     """Replace ``layer1..4`` of a torchvision ResNet by stages of int(64 * width) * {1, 2, 4, 8}
     planes (the stem keeps its 64 channels, as CMC's ``resnet50v1/v2/v3`` trunks do), built
-    from torchvision's own blocks and initialised as torchvision initialises a ResNet."""
+    from torchvision's own blocks and initialised as torchvision's ResNet initialises them."""
     block = type(trunk.layer1[0])  # BasicBlock or Bottleneck
-    depths = [len(getattr(trunk, f"layer{i}")) for i in range(1, 5)]
+    last_bn = "bn3" if block is torchvision.models.resnet.Bottleneck else "bn2"
     inplanes = trunk.conv1.out_channels  # 64
-    for i, (depth, mult) in enumerate(zip(depths, (1, 2, 4, 8))):
-        planes, stride, blocks = int(64 * width) * mult, (1 if i == 0 else 2), []
+    for i, mult in enumerate((1, 2, 4, 8)):
+        depth, planes = len(getattr(trunk, f"layer{i + 1}")), int(64 * width) * mult
+        blocks = []
         for b in range(depth):
-            s = stride if b == 0 else 1
+            stride = 2 if (i > 0 and b == 0) else 1
             down = None
-            if s != 1 or inplanes != planes * block.expansion:
-                down = nn.Sequential(nn.Conv2d(inplanes, planes * block.expansion, 1, stride=s, bias=False),
+            if stride != 1 or inplanes != planes * block.expansion:
+                down = nn.Sequential(nn.Conv2d(inplanes, planes * block.expansion, 1, stride=stride, bias=False),
                                      nn.BatchNorm2d(planes * block.expansion))
-            blocks.append(block(inplanes, planes, s, down))
+            blocks.append(block(inplanes, planes, stride, down))
             inplanes = planes * block.expansion
-        setattr(trunk, f"layer{i + 1}", nn.Sequential(*blocks))
-    for m in trunk.modules():  # torchvision's ResNet.__init__ initialisation
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    if zero_init_residual:
-        for m in trunk.modules():
-            last = getattr(m, "bn3", None) if isinstance(m, torchvision.models.resnet.Bottleneck) else (
-                getattr(m, "bn2", None) if isinstance(m, torchvision.models.resnet.BasicBlock) else None)
-            if last is not None:
-                nn.init.zeros_(last.weight)
+        stage = nn.Sequential(*blocks)
+        for m in stage.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:  # each block starts as the identity
+            for blk in blocks:
+                nn.init.zeros_(getattr(blk, last_bn).weight)
+        setattr(trunk, f"layer{i + 1}", stage)
     trunk.fc = nn.Linear(inplanes, 1)  # only its in_features is read (feature width), then dropped
 
 
