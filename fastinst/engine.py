@@ -570,14 +570,15 @@ def _train_loop(tr: Trainer, log: MetricsLog) -> None:
         done = epoch + 1 if loader.next_batch in (0, spe) else epoch  # epochs completed
         last = stop or done >= tr.loader_epochs
         passed = tr.passes(done) if tr.passes(done) > tr.passes(epoch) else 0  # a pass over the data ended
+        pause = time.perf_counter()
         if t.eval_every and (last or (passed and passed % t.eval_every == 0)):
-            t0 = time.perf_counter()
             res = evaluate(tr)
-            tr.eval_s = time.perf_counter() - t0
+            tr.eval_s = time.perf_counter() - pause
             log.write({"kind": "eval", "step": tr.step, "epoch": done, **res})
             log0(env, f"ep {done}/{tr.loader_epochs} kNN top1 {res['knn_top1']:.2f} top5 {res['knn_top5']:.2f}")
         if last or (t.ckpt_every and passed and passed % t.ckpt_every == 0):
             tr.save()
+        meter.t0 += time.perf_counter() - pause  # evaluation and checkpoint time is not training throughput
 
 
 def train(cfg: Config, out_dir: str, resume: Optional[str] = None) -> Trainer:
