@@ -107,7 +107,8 @@ def load_trunk(model: EmbeddingNet, state: Dict[str, torch.Tensor], path: str) -
     try:
         model.backbone.load_state_dict(trunk, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path}: trunk weights do not fit model.arch/model.stem/model.width: {e}") from e
+        raise CheckpointError(f"checkpoint {path}: trunk weights do not fit "
+                              f"model.arch/model.stem/model.width: {e}") from e
 
 
 def build_frozen_backbone(cfg: Config, checkpoint: str, env: DistEnv) -> Tuple[EmbeddingNet, str, int]:

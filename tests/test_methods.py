@@ -218,8 +218,8 @@ def method_name_branches(path, classes, root=ROOT):
                 found.append(f"{where}: branch on {src}")
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
             args = [ast.unparse(a) for a in node.args]
-            if node.func.id in ("isinstance", "issubclass") and len(args) == 2 and \
-                    any(c in classes.values() for c in args[1].replace("(", " ").replace(")", " ").replace(",", " ").split()):
+            types_named = args[1].replace("(", " ").replace(")", " ").replace(",", " ").split() if len(args) == 2 else []
+            if node.func.id in ("isinstance", "issubclass") and set(types_named) & set(classes.values()):
                 found.append(f"{where}: {ast.unparse(node)}")
             if node.func.id == "type" and args and "method" in args[0]:
                 found.append(f"{where}: {ast.unparse(node)}")
