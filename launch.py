@@ -49,13 +49,13 @@ def _cmd_prepare(args) -> int:
 
 def _cmd_profile(args) -> int:
     from fastinst.config import load_config
-    from loaders import RankInfo
+    from fastinst.runtime import DistEnv
     from loaders.profile import run_profile
 
     cfg = load_config(args.config, args.overrides)
-    ranks = RankInfo.from_env()
-    out = args.out if ranks.world == 1 else os.path.join(args.out, f"rank{ranks.rank}")
-    run_profile(cfg, out, ranks)
+    env = DistEnv.from_env()
+    out = args.out if env.world == 1 else os.path.join(args.out, f"rank{env.rank}")
+    run_profile(cfg, out, env)
     return 0
 
 

@@ -89,7 +89,7 @@ def synthetic_batches(cfg, n: int, device, count: int = 4) -> List[dict]:
 def time_case(name: str, cfg, n: int, env, steps: int, warmup: int, baseline: bool = False) -> Dict:
     """Median / mean wall time of ``steps`` training steps after ``warmup``."""
     model = engine.build_train_model(cfg, env)
-    method = EmbeddingMean(model) if baseline else build_method(cfg, model, n, env.ranks, device=env.device)
+    method = EmbeddingMean(model) if baseline else build_method(cfg, model, n, env, device=env.device)
     method.to(env.device)
     lr = engine.base_lr(cfg, env.world)
     optimizers = [engine.build_optimizer(cfg, model, lr)] + list(method.extra_optimizers(lr))

@@ -39,6 +39,7 @@ from .knn import knn_classify
 from .methods import build_method
 from .methods.base import unwrap
 from .model import autocast_context, build_model, make_grad_scaler
+from .runtime import DistEnv, init_distributed, log0, main_guard, rng_state, seed_process, set_rng_state  # noqa: F401
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,51 +47,6 @@ class NonFiniteLossError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- set-up builders
-
-
-@dataclass
-class DistEnv:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    local_world: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def ranks(self):
-        from loaders import RankInfo
-
-        return RankInfo(self.rank, self.world, self.local_rank, self.local_world)
-
-    @property
-    def device_id(self) -> Optional[int]:
-        """CUDA device index (DALI's device_id, DDP's device_ids), None on the CPU."""
-        return self.device.index if self.device.type == "cuda" else None
-
-    def wrap_ddp(self, module: nn.Module) -> nn.Module:
-        """``module`` in DistributedDataParallel when there is more than one rank."""
-        if self.world == 1:
-            return module
-        ids = None if self.device_id is None else [self.device_id]
-        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
-
-
-def init_distributed() -> DistEnv:
-    """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) only. Under
-    torchrun the process group is initialised even for one process (the same code path);
-    a plain ``python launch.py train`` runs as world size 1 without one."""
-    env = os.environ
-    cuda = torch.cuda.is_available()
-    rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
-    local_rank, local_world = int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", 1))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if "MASTER_ADDR" in env and "WORLD_SIZE" in env and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", init_method="env://")
-    if dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    return DistEnv(rank, world, local_rank, local_world, device)
 
 
 def resolve_amp(cfg: Config, device: torch.device) -> str:
@@ -183,13 +139,11 @@ def build_loaders(cfg: Config, env: DistEnv):
     """Train loader plus its source (N and labels for the bank); fails early on bad layouts."""
     from loaders import build_loader, build_source
 
-    ranks = env.ranks
     if cfg.data.on_error == "skip" and env.world > 1:
         raise ConfigError("config key 'data.on_error': 'skip' shortens batches unevenly across ranks, which "
                           "the all-gathered loss does not support; use data.on_error=raise with >1 rank")
-    source = build_source(cfg, cfg.data.train_split, ranks)
-    loader = build_loader(cfg, cfg.data.train_split, mode="train", ranks=ranks, source=source,
-                          device_id=env.device_id)
+    source = build_source(cfg, cfg.data.train_split, env)
+    loader = build_loader(cfg, cfg.data.train_split, mode="train", env=env, source=source)
     return source, loader
 
 
@@ -212,8 +166,7 @@ class EvalData:
         if split not in self._loaders:
             from loaders import build_loader
 
-            self._loaders[split] = build_loader(self.cfg, split, mode="eval", ranks=self.env.ranks,
-                                                device_id=self.env.device_id)
+            self._loaders[split] = build_loader(self.cfg, split, mode="eval", env=self.env)
         return self._loaders[split]
 
 
@@ -275,27 +228,7 @@ class MetricsLog:
             self.tb.close()
 
 
-def log0(env: DistEnv, msg: str) -> None:
-    if env.rank == 0:
-        print(msg, flush=True)
-
-
 # --------------------------------------------------------------------------- state
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 @dataclass
@@ -366,14 +299,13 @@ class Trainer:
 
 
 def build_trainer(cfg: Config, out_dir: str, env: DistEnv) -> Trainer:
-    random.seed(cfg.seed + env.rank)
-    np.random.seed(cfg.seed + env.rank)
+    seed_process(cfg.seed, env.rank)
     source, loader = build_loaders(cfg, env)
     evals = EvalData(cfg, env)
     evals.check()
     model = build_train_model(cfg, env)
     labels = torch.as_tensor(np.asarray(source.labels), dtype=torch.long)
-    method = build_method(cfg, model, len(source), env.ranks, labels=labels, device=env.device)
+    method = build_method(cfg, model, len(source), env, labels=labels, device=env.device)
     lr0 = base_lr(cfg, env.world)
     amp = resolve_amp(cfg, env.device)
     return Trainer(cfg=cfg, env=env, out_dir=out_dir, model=model, method=method,
@@ -615,12 +547,3 @@ def evaluate_checkpoint(cfg: Config, path: str) -> Dict[str, float]:
     tr.step = int(state["step"])
     res = evaluate(tr)
     return {"step": tr.step, **res}
-
-
-def main_guard(fn, *args, **kw):
-    """Run ``fn`` and always tear the process group down (torchrun restarts cleanly)."""
-    try:
-        return fn(*args, **kw)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()

@@ -45,8 +45,8 @@ from torch import nn
 from .checkpoint import (CheckpointError, _atomic_write, find_latest_complete, load_checkpoint,
                          save_checkpoint, saved_world_size)
 from .config import Config, ConfigError, CropConfig, SamplerConfig, save_config, to_dict
-from .engine import (DistEnv, Meter, MetricsLog, init_distributed, log0, resolve_amp, resolve_resume,
-                     rng_state, scaled_lr, set_rng_state, sgd, unwrap)
+from .engine import Meter, MetricsLog, resolve_amp, resolve_resume, scaled_lr, sgd, unwrap
+from .runtime import DistEnv, init_distributed, log0, rng_state, seed_process, set_rng_state
 from .model import EmbeddingNet, autocast_context, build_model
 
 __all__ = ["linear_probe", "export_backbone", "load_pretrained", "resolve_pretrained", "LinearProbe"]
@@ -161,11 +161,10 @@ def probe_data_config(cfg: Config) -> Config:
 def build_probe_loaders(cfg: Config, env: DistEnv):
     from loaders import build_loader, build_source
 
-    pcfg, ranks = probe_data_config(cfg), env.ranks
-    source = build_source(pcfg, cfg.data.train_split, ranks)
-    train = build_loader(pcfg, cfg.data.train_split, mode="train", ranks=ranks, source=source,
-                         device_id=env.device_id)
-    val = build_loader(pcfg, cfg.data.val_split, mode="eval", ranks=ranks, device_id=env.device_id)
+    pcfg = probe_data_config(cfg)
+    source = build_source(pcfg, cfg.data.train_split, env)
+    train = build_loader(pcfg, cfg.data.train_split, mode="train", env=env, source=source)
+    val = build_loader(pcfg, cfg.data.val_split, mode="eval", env=env)
     return source, train, val
 
 
@@ -237,8 +236,7 @@ class LinearProbe:
 
 
 def build_probe(cfg: Config, checkpoint: str, out_dir: str, env: DistEnv) -> LinearProbe:
-    random.seed(cfg.seed + env.rank)
-    np.random.seed(cfg.seed + env.rank)
+    seed_process(cfg.seed, env.rank)
     source, loader, val_loader = build_probe_loaders(cfg, env)  # data problems first, before weights load
     num_classes = cfg.data.num_classes or int(source.num_classes)
     if num_classes < 2:

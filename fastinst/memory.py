@@ -25,6 +25,7 @@ import os
 import torch
 
 from . import dist as fdist
+from .runtime import generator
 
 _INIT_CHUNK = 16384  # rows per independently seeded init chunk (makes init W-independent)
 _NORM_EPS = 1e-12  # same floor as F.normalize; lemniscate divides by the bare norm
@@ -37,11 +38,6 @@ def shard_bounds(num_rows: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def _chunk_seed(seed: int, chunk: int) -> int:
-    # Distinct, deterministic stream per (seed, chunk); kept below 2**63 for manual_seed.
-    return (seed * 1_000_003 + chunk * 7_919 + 12_345) % (2**63 - 1)
-
-
 def init_rows(start: int, end: int, dim: int, seed: int) -> torch.Tensor:
     """Rows [start, end) of the NPID initial bank, uniform in ±1/sqrt(dim/3) (lemniscate's
     `stdv = 1/math.sqrt(dim/3)`), fp32 on CPU.  Rows are drawn in fixed chunks seeded by
@@ -50,7 +46,7 @@ def init_rows(start: int, end: int, dim: int, seed: int) -> torch.Tensor:
     out = torch.empty(end - start, dim)  # [rows_local, D]
     first, last = start // _INIT_CHUNK, (end - 1) // _INIT_CHUNK
     for c in range(first, last + 1) if end > start else ():
-        g = torch.Generator().manual_seed(_chunk_seed(seed, c))
+        g = generator(seed, "rows", c)
         chunk = torch.rand(_INIT_CHUNK, dim, generator=g).mul_(2 * stdv).sub_(stdv)  # [C, D]
         lo, hi = max(start, c * _INIT_CHUNK), min(end, (c + 1) * _INIT_CHUNK)
         out[lo - start:hi - start] = chunk[lo - c * _INIT_CHUNK:hi - c * _INIT_CHUNK]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dist as fdist
+from .runtime import generator
 
 __all__ = ["momentum_update", "KeyQueue", "moco_loss", "batch_shuffle", "batch_unshuffle"]
 
@@ -86,7 +87,7 @@ class KeyQueue(nn.Module):
                 f"{lo or global_batch} or {lo + global_batch}), or change the batch size / "
                 "number of ranks so that the global batch divides it")
         self.dim, self.size, self.global_batch = dim, size, global_batch
-        g = torch.Generator().manual_seed(seed)  # same draw on every rank: no broadcast needed
+        g = generator(seed, "moco-queue")  # same draw on every rank: no broadcast needed
         init = F.normalize(torch.randn(size, dim, generator=g), dim=1)  # [K, D] unit rows
         self.register_buffer("queue", init.to(device=device, dtype=dtype))  # [K, D]
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device))  # []

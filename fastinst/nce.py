@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from . import dist as fdist
 from .memory import ShardedMemoryBank
+from .runtime import generator
 
 NCE_EPS = 1e-7  # lemniscate NCECriterion's eps in both denominators
 _PAIR_CHUNK = 1 << 18  # (sample, row) pairs gathered at once: bounds temporaries to ~128 MB
@@ -245,7 +246,7 @@ class NPIDLoss(torch.nn.Module):
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if self._gen is None or self._gen.device != device:
-            self._gen = torch.Generator(device=device).manual_seed(self.seed)
+            self._gen = generator(self.seed, "npid-noise", device=device)
             if self._pending_rng is not None:
                 self._gen.set_state(self._pending_rng)
                 self._pending_rng = None

@@ -6,69 +6,54 @@
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from typing import Optional
+
+from fastinst.runtime import DistEnv
 
 from .sources import DataError, Source, open_source  # noqa: F401  (public API)
 
 
-@dataclass(frozen=True)
-class RankInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    local_world: int = 1
-
-    @staticmethod
-    def from_env() -> "RankInfo":
-        """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE); 1 process otherwise."""
-        env = os.environ
-        return RankInfo(rank=int(env.get("RANK", 0)), world=int(env.get("WORLD_SIZE", 1)),
-                        local_rank=int(env.get("LOCAL_RANK", 0)),
-                        local_world=int(env.get("LOCAL_WORLD_SIZE", 1)))
-
-
-def build_source(cfg, split: str, ranks: RankInfo) -> Source:
+def build_source(cfg, split: str, env: DistEnv) -> Source:
     from .cache import CachedSource
 
     src = open_source(cfg.data.path, split, on_error=cfg.data.on_error, num_classes=cfg.data.num_classes)
     if cfg.data.cache != "none":
-        src = CachedSource(src, cfg.data.cache, rank=ranks.rank, world=ranks.world,
-                           local_rank=ranks.local_rank, cache_dir=cfg.data.cache_dir)
+        src = CachedSource(src, cfg.data.cache, rank=env.rank, world=env.world,
+                           local_rank=env.local_rank, cache_dir=cfg.data.cache_dir)
     return src
 
 
-def build_loader(cfg, split: str = "train", *, mode: Optional[str] = None, ranks: Optional[RankInfo] = None,
-                 source: Optional[Source] = None, backend: Optional[str] = None, device_id: Optional[int] = None):
-    """Loader for ``split``. mode 'train' cuts the configured views; 'eval' the eval transform
-    over every sample of this rank's shard exactly once, in order (no shuffle, no drop)."""
+def build_loader(cfg, split: str = "train", *, mode: Optional[str] = None, env: Optional[DistEnv] = None,
+                 source: Optional[Source] = None, backend: Optional[str] = None):
+    """Loader for ``split`` on ``env`` (its ranks and device; torchrun's variables when None).
+    mode 'train' cuts the configured views; 'eval' the eval transform over every sample of this
+    rank's shard exactly once, in order (no shuffle, no drop)."""
     from .samplers import build_sampler
 
-    ranks = ranks or RankInfo.from_env()
+    env = env or DistEnv.from_env()
     mode = mode or ("train" if split == cfg.data.train_split else "eval")
-    source = source or build_source(cfg, split, ranks)
+    source = source or build_source(cfg, split, env)
     # a 'part' RAM cache holds only rows i % world == rank: sample only those
     ownership = "local" if cfg.data.cache == "part" else "global"
     if mode == "train":
-        sampler = build_sampler(cfg.sampler, len(source), rank=ranks.rank, world=ranks.world,
+        sampler = build_sampler(cfg.sampler, len(source), rank=env.rank, world=env.world,
                                 ownership=ownership)
         drop_last = cfg.loader.drop_last
     else:
         from .samplers import EpochSampler
 
-        sampler = EpochSampler(len(source), rank=ranks.rank, world=ranks.world, shuffle=False,
+        sampler = EpochSampler(len(source), rank=env.rank, world=env.world, shuffle=False,
                                ownership="local")
         drop_last = False
     lc = cfg.loader
     backend = backend or lc.backend
     common = dict(aug=cfg.aug, batch_size=lc.batch_size, mode=mode, num_workers=lc.num_workers,
                   prefetch=lc.prefetch, channels_last=lc.channels_last, fp16=lc.fp16, drop_last=drop_last,
-                  on_error=cfg.data.on_error, seed=cfg.seed, rank=ranks.rank, local_world=ranks.local_world)
+                  on_error=cfg.data.on_error, seed=cfg.seed, rank=env.rank, local_world=env.local_world)
     if backend == "dali":
         from .dali_backend import DaliLoader
 
-        return DaliLoader(source, sampler, device=lc.device, device_id=device_id, num_threads=lc.num_threads,
+        return DaliLoader(source, sampler, device=lc.device, device_id=env.device_id, num_threads=lc.num_threads,
                           hw_decoder_load=lc.hw_decoder_load, **common)
     from .torch_backend import TorchLoader
 

@@ -16,6 +16,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from fastinst.runtime import derive_seed
+
 from .base import LoaderBase, default_threads
 from .sources import DataError, Source, log
 
@@ -225,7 +227,7 @@ class DaliLoader(LoaderBase):
 
         # The augmentation RNG is seeded from (seed, rank, position): the sample order of a
         # resumed run is exact, its augmentation draws are fresh ones.
-        pipe_seed = (self.seed * 1000003 + self.rank * 7919 + self.epoch * 104729 + self.next_batch) % (2 ** 31)
+        pipe_seed = derive_seed(self.seed, "dali", self.rank, self.epoch, self.next_batch) % (2 ** 31)
         pipe = pipe_fn(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
                        prefetch_queue_depth=self.prefetch, py_num_workers=self.num_workers,
                        py_start_method="spawn", seed=pipe_seed, exec_dynamic=True)

@@ -22,7 +22,9 @@ import torch
 
 from fastinst.config import save_config, to_dict
 
-from . import RankInfo, build_loader, build_source
+from fastinst.runtime import DistEnv
+
+from . import build_loader, build_source
 from .sources import log
 
 
@@ -56,12 +58,12 @@ def _time_read(source, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def run_profile(cfg, out_dir: str, ranks: Optional[RankInfo] = None) -> dict:
-    ranks = ranks or RankInfo(0, 1, 0, 1)
+def run_profile(cfg, out_dir: str, env: Optional[DistEnv] = None) -> dict:
+    env = env or DistEnv()
     os.makedirs(out_dir, exist_ok=True)
     save_config(cfg, os.path.join(out_dir, "config.yaml"))
     pc = cfg.profile
-    source = build_source(cfg, cfg.data.train_split, ranks)
+    source = build_source(cfg, cfg.data.train_split, env)
     log(f"profile: {len(source)} images from {cfg.data.path} ({cfg.data.train_split}), batch {cfg.loader.batch_size}, "
         f"{cfg.aug.num_views} views {[f'{c.count}x{c.size}' for c in cfg.aug.crops]}, "
         f"{pc.warmup_batches} warm-up + {pc.batches} timed batches per backend")
@@ -69,7 +71,7 @@ def run_profile(cfg, out_dir: str, ranks: Optional[RankInfo] = None) -> dict:
     read_rate = _time_read(source, 2000) if pc.stages else None
     for backend in pc.backends:
         row = {"backend": backend}
-        loader = build_loader(cfg, cfg.data.train_split, mode="train", ranks=ranks, source=source, backend=backend)
+        loader = build_loader(cfg, cfg.data.train_split, mode="train", env=env, source=source, backend=backend)
         try:
             timing = _time_loader(loader, pc.warmup_batches, pc.batches)
         finally:
@@ -80,7 +82,7 @@ def run_profile(cfg, out_dir: str, ranks: Optional[RankInfo] = None) -> dict:
         row.update(images_per_s=timing["images_per_s"], views_per_s=timing["images_per_s"] * cfg.aug.num_views,
                    images=timing["images"], seconds=timing["seconds"])
         if pc.stages:
-            dec = build_loader(cfg, cfg.data.train_split, mode="decode", ranks=ranks, source=source, backend=backend)
+            dec = build_loader(cfg, cfg.data.train_split, mode="decode", env=env, source=source, backend=backend)
             try:
                 dt = _time_loader(dec, pc.warmup_batches, pc.batches)
             finally:

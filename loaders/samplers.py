@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from fastinst.runtime import derive_seed
 
-def _rng(*key: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key])))
+
+def _rng(*key) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(derive_seed(*key)))
 
 
 class EpochSampler:
@@ -48,11 +50,11 @@ class EpochSampler:
 
     def indices(self, epoch: int) -> np.ndarray:  # (len(self),) int64
         if self.ownership == "global":
-            order = _rng(self.seed, epoch).permutation(self.n) if self.shuffle else np.arange(self.n)
+            order = _rng(self.seed, "epoch-order", epoch).permutation(self.n) if self.shuffle else np.arange(self.n)
             return order[self.rank::self.world].astype(np.int64)
         owned = np.arange(self.rank, self.n, self.world, dtype=np.int64)
         if self.shuffle:
-            owned = owned[_rng(self.seed, epoch, self.rank + 1).permutation(len(owned))]
+            owned = owned[_rng(self.seed, "local-order", epoch, self.rank).permutation(len(owned))]
         return owned
 
     def describe(self) -> dict:
@@ -94,8 +96,7 @@ class SlidingWindowSampler:
 
     def order(self, k: int) -> np.ndarray:
         """The k-th random order of this rank's rows (k = 0 throughout without reshuffle)."""
-        key = (self.seed, 0x51DE, self.rank + 1) + ((k,) if k else ())
-        return self.rows[_rng(*key).permutation(len(self.rows))]
+        return self.rows[_rng(self.seed, "window-order", self.rank, k).permutation(len(self.rows))]
 
     def reshuffles(self, epoch: int) -> int:
         """Orders drawn after the first one by window ``epoch``: windows 0..epoch that cross the end."""
@@ -117,7 +118,7 @@ class SlidingWindowSampler:
         order = self.order(k) if k else self.owned
         pos = (epoch * self.stride_r + np.arange(self.window_r, dtype=np.int64)) % m
         win = order[pos]
-        return win[_rng(self.seed, epoch, self.rank + 1).permutation(len(win))]
+        return win[_rng(self.seed, "window-shuffle", epoch, self.rank).permutation(len(win))]
 
     def epochs_per_pass(self) -> float:
         """Windows needed to advance once through the data: used to rescale PIC's epochs."""

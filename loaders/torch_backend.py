@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.utils.data as tud
 
+from fastinst.runtime import derive_seed
+
 from .base import LoaderBase, default_threads
 from .sources import DataError, PIL_decode_check, Source
 
@@ -80,7 +82,7 @@ class MultiViewDataset(tud.Dataset):
                 raise
             return None
         # torchvision's transforms draw from torch's global RNG: seed it per (seed, epoch, index)
-        torch.manual_seed((self.seed * 1000003 + epoch * 7919 + i * 104729) % (2 ** 63))
+        torch.manual_seed(derive_seed(self.seed, "view", epoch, i))
         views = [self._to_tensor(t(img)) for t in self.transforms]
         return views, i, int(self.source.labels[i])
 

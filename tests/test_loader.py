@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fastinst.config import load_config
-from loaders import RankInfo, build_loader
+from fastinst.runtime import DistEnv
+from loaders import build_loader
 from loaders.sources import DataError
 from tests.datagen import index_of_colour, make_colour_zip, make_photo_zip, rewrite_member
 
@@ -96,7 +97,7 @@ def test_eval_mode_covers_shard_in_order(photos, backend):
     cfg = cfg_for(photos, f"loader.backend={backend}", "aug.eval_resize=40", "aug.eval_crop=32")
     seen = []
     for r in range(3):
-        loader = build_loader(cfg, "val", ranks=RankInfo(r, 3, r, 3))
+        loader = build_loader(cfg, "val", env=DistEnv(r, 3, r, 3))
         for b in loader:
             assert b["views"][0].shape[1:] == (3, 32, 32)
             seen += b["index"].tolist()
@@ -107,32 +108,32 @@ def test_eval_mode_covers_shard_in_order(photos, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resume_mid_epoch_continues_at_same_position(photos, backend):
     cfg = cfg_for(photos, f"loader.backend={backend}", "aug.crops=[{count: 1, size: 16}]", "loader.batch_size=4")
-    ranks = RankInfo(1, 2, 1, 2)
-    full = build_loader(cfg, "train", ranks=ranks)
+    ranks = DistEnv(1, 2, 1, 2)
+    full = build_loader(cfg, "train", env=ranks)
     ref = [b["index"].tolist() for b in collect(full)] + [b["index"].tolist() for b in collect(full)]
     full.close()
-    first = build_loader(cfg, "train", ranks=ranks)
+    first = build_loader(cfg, "train", env=ranks)
     part = [b["index"].tolist() for b in collect(first, 3)]
     state = first.state_dict()
     first.close()
     assert state["epoch"] == 0 and state["next_batch"] == 3
-    resumed = build_loader(cfg, "train", ranks=ranks)
+    resumed = build_loader(cfg, "train", env=ranks)
     resumed.load_state_dict(state)
     rest = [b["index"].tolist() for b in collect(resumed)] + [b["index"].tolist() for b in collect(resumed)]
     resumed.close()
     assert part + rest == ref
     if backend == "torch":  # torch augmentations are a function of (seed, epoch, index): bitwise equal
-        a = build_loader(cfg, "train", ranks=ranks)
+        a = build_loader(cfg, "train", env=ranks)
         va = collect(a)[3]["views"][0]
-        b = build_loader(cfg, "train", ranks=ranks)
+        b = build_loader(cfg, "train", env=ranks)
         b.load_state_dict({**state, "next_batch": 3})
         assert torch.equal(collect(b, 1)[0]["views"][0], va)
 
 
 def test_resume_rejects_other_world_size(photos):
     cfg = cfg_for(photos, "loader.backend=torch")
-    state = build_loader(cfg, "train", ranks=RankInfo(0, 2, 0, 2)).state_dict()
-    other = build_loader(cfg, "train", ranks=RankInfo(0, 1, 0, 1))
+    state = build_loader(cfg, "train", env=DistEnv(0, 2, 0, 2)).state_dict()
+    other = build_loader(cfg, "train", env=DistEnv(0, 1, 0, 1))
     with pytest.raises(ValueError, match="sampler world=2 in the checkpoint but 1 now"):
         other.load_state_dict(state)
 
@@ -141,7 +142,7 @@ def test_resume_rejects_other_world_size(photos):
 def test_part_cache_loader_reads_only_owned_rows(photos, tmp_path, backend):
     cfg = cfg_for(photos, f"loader.backend={backend}", "data.cache=part", f"data.cache_dir={tmp_path}",
                   "aug.crops=[{count: 1, size: 16}]", "loader.batch_size=4")
-    loader = build_loader(cfg, "train", ranks=RankInfo(1, 3, 1, 3))
+    loader = build_loader(cfg, "train", env=DistEnv(1, 3, 1, 3))
     idx = [i for b in collect(loader) for i in b["index"].tolist()]
     loader.close()
     assert len(idx) == (32 // 3) // 4 * 4 and all(i % 3 == 1 for i in idx)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from fastinst.memory import ShardedMemoryBank
 from fastinst.nce import (NCECriterion, NPIDLoss, estimate_z, full_softmax_loss, nce_loss,
                           sampled_dots, softmax_ce)
+from fastinst.runtime import generator
 from tests.distutil import in_gloo_group, spawn_and_collect
 
 N, D, T = 23, 8, 0.1
@@ -138,11 +139,11 @@ def test_full_softmax_matches_formula():
 
 
 def test_npid_loss_end_to_end_matches_formula():
-    # NPIDLoss draws per-sample noise uniformly with a generator seeded by `seed`.
+    # NPIDLoss draws per-sample noise uniformly from runtime.generator(seed, "npid-noise").
     bank = ShardedMemoryBank(N, D, seed=11)
     feats, index = unit(4, D, seed=12), torch.tensor([3, 1, 4, 1])
     crit = NPIDLoss(N, loss="nce", num_negatives=5, temperature=T, seed=13)
-    noise = torch.randint(0, N, (4, 5), generator=torch.Generator().manual_seed(13))
+    noise = torch.randint(0, N, (4, 5), generator=generator(13, "npid-noise"))
     x = leaf(feats)
     loss, gathered, gidx = crit(x, index, bank)
     loss.backward()

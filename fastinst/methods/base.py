@@ -69,12 +69,6 @@ class Method(nn.Module):
         return None
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """A CPU generator seeded by (seed, global step): per-step draws (MoCo's BN shuffle, PIC's
-    uniform negatives) that a resumed run repeats exactly."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) & 0x7FFFFFFF)
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DDP (or the module itself)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -21,7 +21,8 @@ from .. import dist as fdist
 from ..config import ConfigError
 from ..moco import KeyQueue, batch_shuffle, batch_unshuffle, moco_loss, momentum_update
 from . import register
-from .base import Method, step_generator, unwrap
+from ..runtime import generator
+from .base import Method, unwrap
 
 
 @register("moco")
@@ -72,7 +73,7 @@ class MoCo(Method):
         q = self.model(x_q)  # [B, D] unit rows (query encoder, with gradient)
         with torch.no_grad():
             if self.shuffle_bn:
-                g = step_generator(self.seed, self._step)
+                g = generator(self.seed, "moco-shuffle", self._step)  # a resumed run repeats it
                 x_k, unshuffle = batch_shuffle(x_k, generator=g)  # [B, 3, H, W], [W*B]
                 k = batch_unshuffle(self.key_encoder(x_k), unshuffle)  # [B, D]
             else:

@@ -33,7 +33,8 @@ import torch
 from .. import dist as fdist
 from ..pic import LazySGD, ShardedClassifier
 from . import register
-from .base import Method, check_row_layout, embed_views, step_generator
+from ..runtime import generator
+from .base import Method, check_row_layout, embed_views
 
 
 @register("pic")
@@ -62,7 +63,7 @@ class PIC(Method):
             # FIFO of the global indices visited last (same on every rank: filled with the
             # all-gathered batch indices). Starts as a uniform draw, so the first K/B steps
             # sample uniformly; afterwards the negatives are the K latest instances.
-            g = torch.Generator().manual_seed(seed + 0x91C)
+            g = generator(seed, "pic-recent")
             self.register_buffer("recent", torch.randint(num_samples, (negatives,), generator=g).to(device))  # [K]
             self.register_buffer("recent_ptr", torch.zeros((), dtype=torch.long, device=device))  # []
 
@@ -93,7 +94,7 @@ class PIC(Method):
             return None
         if self.sampling == "recent":
             return self.recent.clone()  # [K]; a copy: after_step overwrites the buffer
-        g = step_generator(self.seed, self._step)
+        g = generator(self.seed, "pic-negatives", self._step)
         return torch.randint(self.num_samples, (self.num_negatives,), generator=g).to(device)  # [K]
 
     def forward(self, batch: dict) -> dict:

@@ -1,0 +1,119 @@
+"""Where this process runs and how its randomness is derived: one `DistEnv` (rank, world, local
+rank, local world, device) used by the trainer, the loaders and the probes; distributed
+initialisation from torchrun's environment only; one seed-mixing function (`derive_seed`)
+for every stream fastinst draws; the resumable RNG state of a process; rank-0 printing.
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT; a plain
+``python launch.py ...`` is one process with no process group.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @staticmethod
+    def from_env() -> "DistEnv":
+        """torchrun's variables (1 process without them), on the CPU; no process group."""
+        env = os.environ
+        return DistEnv(rank=int(env.get("RANK", 0)), world=int(env.get("WORLD_SIZE", 1)),
+                       local_rank=int(env.get("LOCAL_RANK", 0)), local_world=int(env.get("LOCAL_WORLD_SIZE", 1)))
+
+    @property
+    def device_id(self) -> Optional[int]:
+        """CUDA device index (DALI's device_id, DDP's device_ids), None on the CPU."""
+        return self.device.index if self.device.type == "cuda" else None
+
+    def wrap_ddp(self, module: nn.Module) -> nn.Module:
+        """``module`` in DistributedDataParallel when there is more than one rank."""
+        if self.world == 1:
+            return module
+        ids = None if self.device_id is None else [self.device_id]
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def init_distributed() -> DistEnv:
+    """torchrun's environment only. Under torchrun the process group is initialised even for
+    one process (the same code path); without MASTER_ADDR the run is one process."""
+    env = os.environ
+    cuda = torch.cuda.is_available()
+    base = DistEnv.from_env()
+    device = torch.device("cuda", base.local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if "MASTER_ADDR" in env and "WORLD_SIZE" in env and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", init_method="env://")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (base.rank, base.world)
+    return DistEnv(rank, world, base.local_rank, base.local_world, device)
+
+
+def main_guard(fn, *args, **kw):
+    """Run ``fn`` and always tear the process group down (torchrun restarts cleanly)."""
+    try:
+        return fn(*args, **kw)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- randomness
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed that is a pure function of ``keys`` (e.g. (seed, "what", epoch, index)):
+    distinct keys give independent streams. Strings are hashed stably (not Python's hash)."""
+    words = []
+    for k in keys:
+        if isinstance(k, str):
+            words.extend(k.encode())
+        else:
+            k = int(k)
+            words.extend(((k >> 32) & 0xFFFFFFFF, k & 0xFFFFFFFF, 1 if k < 0 else 0))
+    hi, lo = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
+    return ((int(hi) << 32) | int(lo)) & 0x7FFFFFFFFFFFFFFF
+
+
+def generator(*keys: int, device=None) -> torch.Generator:
+    """A torch generator seeded by ``derive_seed(*keys)``."""
+    return torch.Generator(device=device or "cpu").manual_seed(derive_seed(*keys))
+
+
+def seed_process(seed: int, rank: int) -> None:
+    """Python's and NumPy's global streams for this rank (library code that draws from them)."""
+    random.seed(derive_seed(seed, "python", rank))
+    np.random.seed(derive_seed(seed, "numpy", rank) & 0xFFFFFFFF)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def log0(env: DistEnv, msg: str) -> None:
+    if env.rank == 0:
+        print(msg, flush=True)
