@@ -61,7 +61,8 @@ def _cmd_profile(args) -> int:
 
 def _cmd_train(args) -> int:
     from fastinst.config import load_config
-    from fastinst.engine import main_guard, train
+    from fastinst.engine import train
+    from fastinst.runtime import main_guard
 
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides)
@@ -93,7 +94,8 @@ def _cmd_eval(args) -> int:
     import json
 
     from fastinst.config import load_config
-    from fastinst.engine import evaluate_checkpoint, main_guard
+    from fastinst.engine import evaluate_checkpoint
+    from fastinst.runtime import main_guard
 
     cfg = load_config(args.config, args.overrides)
     res = main_guard(evaluate_checkpoint, cfg, args.checkpoint)
@@ -106,7 +108,7 @@ def _cmd_linear(args) -> int:
     import json
 
     from fastinst.config import load_config
-    from fastinst.engine import main_guard
+    from fastinst.runtime import main_guard
     from fastinst.linear import linear_probe
 
     overrides = list(args.overrides) + ([f"linear.resume={args.resume}"] if args.resume else [])

@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from fastinst import engine  # noqa: E402
+from fastinst.optim import sgd  # noqa: E402
 from fastinst.model import build_model  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def measure(args, threads: int) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = build_model(args.arch, stem=args.stem, width=args.width).train()
-    opt = engine.sgd(model.parameters(), 0.01, 0.9, 5e-4, cuda=False)
+    opt = sgd(model.parameters(), 0.01, 0.9, 5e-4, cuda=False)
     x = torch.randn(args.batch, 3, args.size, args.size)
     times = []
     for i in range(args.warmup + args.steps):

@@ -39,9 +39,10 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from fastinst import engine  # noqa: E402
+from fastinst.runtime import init_distributed  # noqa: E402
 from fastinst.config import load_config  # noqa: E402
 from fastinst.memory import ShardedMemoryBank  # noqa: E402
-from fastinst.methods import build_method  # noqa: E402
+from fastinst.model import make_grad_scaler  # noqa: E402
 from fastinst.methods.base import Method, embed_views  # noqa: E402
 
 DEFAULT_CONFIGS = ["npid_imagenet_r50", "instdisc_imagenet_r50", "pic_imagenet_r50", "mocov2_imagenet_r50",
@@ -53,12 +54,11 @@ class EmbeddingMean(Method):
     """The baseline 'method': the same views through the same model, loss = mean embedding
     (no bank, no softmax), so NPID's step minus this step is what the bank and the loss cost."""
 
-    def __init__(self, model):
-        super().__init__()
-        object.__setattr__(self, "model", model)
+    def __init__(self, encoder):
+        super().__init__(encoder=encoder)
 
     def forward(self, batch: dict) -> dict:
-        feats = embed_views(self.model, batch["views"])
+        feats = embed_views(self.nets["encoder"], batch["views"])
         return {"loss": torch.stack([f.float().mean() for f in feats]).mean()}
 
 
@@ -88,22 +88,26 @@ def synthetic_batches(cfg, n: int, device, count: int = 4) -> List[dict]:
 
 def time_case(name: str, cfg, n: int, env, steps: int, warmup: int, baseline: bool = False) -> Dict:
     """Median / mean wall time of ``steps`` training steps after ``warmup``."""
-    model = engine.build_train_model(cfg, env)
-    method = EmbeddingMean(model) if baseline else build_method(cfg, model, n, env, device=env.device)
-    method.to(env.device)
-    lr = engine.base_lr(cfg, env.world)
-    optimizers = [engine.build_optimizer(cfg, model, lr)] + list(method.extra_optimizers(lr))
+    if baseline:
+        method = EmbeddingMean(engine.build_encoder(cfg, env))
+        method.wrap(lambda m: env.wrap_ddp(m.to(env.device)))
+    else:
+        method = engine.build_method(cfg, env, n)
+    plan = engine.build_plan(cfg, env, method, steps_per_epoch=max(1, n // (cfg.loader.batch_size * env.world)))
+    stage = plan.stages[0]
+    optimizers = {name: plan.optimizers[name] for name in stage.optimizers}  # at the base lr
     amp = engine.resolve_amp(cfg, env.device)
-    scaler = engine.make_grad_scaler(amp, env.device.type)
+    scaler = make_grad_scaler(amp, env.device.type)
     batches = synthetic_batches(cfg, n, env.device)
-    model.train()
+    for m in method.trained_modules().values():
+        m.train()
     times = []
     for i in range(warmup + steps):
         batch = batches[i % len(batches)]
-        method.before_step(i, lr)
+        method.before_step(i)
         sync(env.device)
         t0 = time.perf_counter()
-        out, loss = engine.train_step(method, optimizers, scaler, amp, env.device.type, batch)
+        out, loss = engine.train_step(method, optimizers, scaler, amp, env.device.type, batch, stage.step)
         method.after_step(out)
         sync(env.device)
         if i >= warmup:
@@ -117,7 +121,7 @@ def time_case(name: str, cfg, n: int, env, steps: int, warmup: int, baseline: bo
            "views": [f"{c.count}x{c.size}" for c in cfg.aug.crops], "num_samples": n, "steps": steps,
            "step_ms_median": 1000 * med, "step_ms_mean": 1000 * statistics.fmean(times),
            "images_per_s": b * env.world / med}
-    del method, model, optimizers
+    del method, plan, optimizers
     if env.device.type == "cuda":
         torch.cuda.empty_cache()
     print(f"  {name:<28} {res['step_ms_median']:9.2f} ms/step  {res['images_per_s']:9.1f} img/s", flush=True)
@@ -151,7 +155,7 @@ def time_bank_update(n: int, batch: int, device, steps: int, warmup: int) -> Dic
 
 
 def run(args) -> Dict:
-    env = engine.init_distributed()
+    env = init_distributed()
     torch.backends.cudnn.benchmark = True
     common = ([f"loader.batch_size={args.batch}"] if args.batch else []) + list(args.set)
     if args.arch:

@@ -21,9 +21,13 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key and the fix."""
 
 
-def _check(cond: bool, key: str, msg: str) -> None:
+def check(cond: bool, key: str, msg: str) -> None:
+    """Raise a ConfigError naming ``key`` unless ``cond`` (every component's __post_init__)."""
     if not cond:
         raise ConfigError(f"config key '{key}': {msg}")
+
+
+_check = check
 
 
 # --------------------------------------------------------------------------- components
@@ -199,93 +203,26 @@ class ModelConfig:
         _check(self.hidden_dim >= 1, "model.hidden_dim", "must be >= 1")
 
 
-@dataclass(frozen=True, kw_only=True)
-class NPIDConfig:
-    """NPID / InstDisc (Wu et al. 2018; lemniscate.pytorch). Defaults: the ImageNet run."""
+def method_config_type():
+    """The dataclass of config section ``method``: ``name`` plus one section per registered
+    method, that method's own ``Config`` (declared next to it in fastinst/methods). Built from
+    the registry once per set of registered methods (the methods import this module)."""
+    from .methods import registered
 
-    # Noise samples per example; 0 = full softmax over all N bank rows (CIFAR-style).
-    K: int = 4096
-    T: float = 0.07
-    momentum: float = 0.5  # bank update v <- normalise(m v + (1 - m) x)
-    # nce: lemniscate NCECriterion with Pn = 1/N; softmax: cross-entropy over 1 + K (or all N).
-    loss: Literal["nce", "softmax"] = "nce"
-    # per_sample: K fresh noise rows per example (the seeds); shared: one set per global batch.
-    negatives: Literal["per_sample", "shared"] = "per_sample"
-    # NCE partition Z: once = estimated on the first batch (lemniscate); ema = running estimate.
-    z: Literal["once", "ema"] = "once"
-    z_ema: float = 0.99
-    bank_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    # auto: fused Triton update on CUDA, torch elsewhere.
-    bank_kernel: Literal["auto", "triton", "torch"] = "auto"
-
-    def __post_init__(self):
-        _check(self.K >= 0, "method.npid.K", "must be >= 0 (0 = full softmax)")
-        _check(not (self.loss == "nce" and self.K == 0), "method.npid.K",
-               "is 0 (full softmax) but method.npid.loss=nce; set method.npid.loss=softmax or K > 0")
-        _check(self.T > 0, "method.npid.T", "temperature must be > 0 (NPID uses 0.07)")
-        _check(0.0 <= self.momentum < 1.0, "method.npid.momentum", "must lie in [0, 1) (NPID uses 0.5)")
-        _check(0.0 <= self.z_ema < 1.0, "method.npid.z_ema", "must lie in [0, 1)")
+    methods = registered()
+    sections = tuple((n, cls.Config) for n, cls in methods.items() if cls.Config is not None)
+    if sections not in _METHOD_TYPES:
+        fields = [("name", str, field(default=next(iter(methods))))]  # the first registered
+        fields += [(n, c, field(default_factory=c)) for n, c in sections]
+        section = property(lambda self: getattr(self, self.name), doc="the chosen method's own section")
+        cls = dataclasses.make_dataclass("MethodConfig", fields, frozen=True, kw_only=True,
+                                         namespace={"section": section})
+        cls.__module__ = __name__
+        _METHOD_TYPES[sections] = cls
+    return _METHOD_TYPES[sections]
 
 
-@dataclass(frozen=True, kw_only=True)
-class PICConfig:
-    """PIC (Cao et al. 2020; bl0/PIC scripts/PIC.sh). Window / stride live in sampler.*."""
-
-    T: float = 0.2  # --contrast-temperature 0.2 (cosine logits / T)
-    # 0 = full softmax over all N classifier rows (the released PIC); K > 0 = softmax over the
-    # batch's positives plus K sampled rows shared by the global batch, with the lazy
-    # weight-update correction for rows not sampled (the paper's unreleased variant).
-    negatives: int = 0
-    # recent: the K most recently visited instances (a FIFO of global batch indices; with the
-    # sliding-window sampler these are rows of the current window); uniform: K rows drawn
-    # uniformly from all N each step.
-    sampling: Literal["recent", "uniform"] = "recent"
-    # Per-element std of the initial classifier rows (PIC: nn.init.normal_(sim_matrix, 0, 0.01)).
-    # Rows are normalised in the logits, so |w| only sets the effective step size (~1/|w|^2):
-    # unit-norm rows would learn ~100x slower than PIC's.
-    init_std: float = 0.01
-
-    def __post_init__(self):
-        _check(self.T > 0, "method.pic.T", "temperature must be > 0 (PIC uses 0.2)")
-        _check(self.init_std > 0, "method.pic.init_std", "must be > 0 (PIC uses 0.01)")
-        _check(self.negatives >= 0, "method.pic.negatives", "must be >= 0 (0 = full softmax)")
-
-
-@dataclass(frozen=True, kw_only=True)
-class MoCoConfig:
-    """MoCo v2 (Chen et al. 2020; facebookresearch/moco main_moco.py --moco-k/-m/-t, --mlp)."""
-
-    K: int = 65536  # queue size; a multiple of the global batch (checked at start-up)
-    m: float = 0.999  # key-encoder momentum
-    T: float = 0.2
-    # Shuffling BN across ranks for the key encoder (MoCo Sec. 3.3); set false when
-    # model.sync_bn=true (statistics over all ranks need no shuffle).
-    shuffle_bn: bool = True
-
-    def __post_init__(self):
-        _check(self.K >= 1, "method.moco.K", "must be >= 1 (MoCo v2 uses 65536)")
-        _check(0.0 <= self.m < 1.0, "method.moco.m", "must lie in [0, 1) (MoCo uses 0.999)")
-        _check(self.T > 0, "method.moco.T", "temperature must be > 0 (MoCo v2 uses 0.2)")
-
-
-@dataclass(frozen=True, kw_only=True)
-class SimCLRConfig:
-    """SimCLR (Chen et al. 2020; NT-Xent over all ranks' samples)."""
-
-    T: float = 0.1  # PIC scripts/SimCLR.sh --contrast-temperature 0.1; the paper sweeps 0.1-0.5
-
-    def __post_init__(self):
-        _check(self.T > 0, "method.simclr.T", "temperature must be > 0 (SimCLR uses 0.1-0.5)")
-
-
-@dataclass(frozen=True, kw_only=True)
-class MethodConfig:
-    # A name registered in fastinst/methods (the registry is the only list of names).
-    name: str = "npid"
-    npid: NPIDConfig = field(default_factory=NPIDConfig)
-    pic: PICConfig = field(default_factory=PICConfig)
-    moco: MoCoConfig = field(default_factory=MoCoConfig)
-    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+_METHOD_TYPES: dict = {}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -421,7 +358,7 @@ class Config:
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: Any = field(default_factory=lambda: method_config_type()())  # see method_config_type
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
@@ -494,6 +431,8 @@ def _convert(value: Any, tp, key: str):
 
 def _build(cls, raw: dict, prefix: str = ""):
     hints = typing.get_type_hints(cls)
+    if cls is Config:
+        hints["method"] = method_config_type()
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:

@@ -45,7 +45,10 @@ from torch import nn
 from .checkpoint import (CheckpointError, _atomic_write, find_latest_complete, load_checkpoint,
                          save_checkpoint, saved_world_size)
 from .config import Config, ConfigError, CropConfig, SamplerConfig, save_config, to_dict
-from .engine import Meter, MetricsLog, resolve_amp, resolve_resume, scaled_lr, sgd, unwrap
+from .engine import resolve_amp, resolve_resume, unwrap
+from .metrics import Meter, MetricsLog
+from .optim import scaled_lr, sgd
+from .schedule import Clock, LRSchedule
 from .runtime import DistEnv, init_distributed, log0, rng_state, seed_process, set_rng_state
 from .model import EmbeddingNet, autocast_context, build_model
 
@@ -168,17 +171,13 @@ def build_probe_loaders(cfg: Config, env: DistEnv):
     return source, train, val
 
 
-def probe_lr(step: int, cfg: Config, steps_per_epoch: int, lr0: float) -> float:
+def probe_schedule(cfg: Config, steps_per_epoch: int, lr0: float) -> LRSchedule:
     """Per-step lr: linear warm-up from lr0 * warmup_start (PIC's GradualWarmupScheduler with
     multiplier 100), then a cosine to zero over the remaining steps or step decay by epoch."""
     lin = cfg.linear
-    warm = int(round(lin.warmup_epochs * steps_per_epoch))
-    if step < warm:
-        return lr0 * (lin.warmup_start + (1.0 - lin.warmup_start) * step / warm)
-    if lin.schedule == "cosine":
-        p = min(1.0, (step - warm) / max(1, lin.epochs * steps_per_epoch - warm))
-        return lr0 * 0.5 * (1.0 + math.cos(math.pi * p))
-    return lr0 * lin.gamma ** sum(step // steps_per_epoch >= m for m in lin.milestones)
+    return LRSchedule(base=lr0, steps_per_epoch=steps_per_epoch, epochs=lin.epochs, warmup_epochs=lin.warmup_epochs,
+                      kind=lin.schedule, milestones=tuple(lin.milestones), gamma=lin.gamma,
+                      warmup_start=lin.warmup_start)
 
 
 @dataclass
@@ -255,7 +254,7 @@ def build_probe(cfg: Config, checkpoint: str, out_dir: str, env: DistEnv) -> Lin
     nn.init.zeros_(head.bias)
     head = env.wrap_ddp(head.to(env.device))
     lin = cfg.linear
-    lr0 = scaled_lr(lin.lr, lin.lr_batch, cfg, env.world)  # linear scaling, as train.lr
+    lr0 = scaled_lr(lin.lr, lin.lr_batch, cfg.loader.batch_size, env.world)  # linear scaling, as train.lr
     optimizer = sgd(head.parameters(), lr0, lin.momentum, lin.weight_decay, env.device.type == "cuda")
     return LinearProbe(cfg=cfg, env=env, out_dir=out_dir, backbone=backbone, head=head, optimizer=optimizer,
                        amp=resolve_amp(cfg, env.device), loader=loader, val_loader=val_loader,
@@ -297,17 +296,18 @@ def validate(p: LinearProbe) -> Dict[str, float]:
 
 def _probe_loop(p: LinearProbe, log: MetricsLog) -> Dict[str, float]:
     cfg, lin, env, loader = p.cfg, p.cfg.linear, p.env, p.loader
-    spe, stop, res = len(loader), False, {}
-    meter = Meter(cfg.loader.batch_size)
-    head = p.head
+    spe, res = len(loader), {}
+    clock = Clock(spe, [lin.epochs], eval_every=lin.eval_every, ckpt_every=lin.ckpt_every, max_steps=lin.max_steps)
+    schedule, meter, head = probe_schedule(cfg, spe, p.lr0), Meter(cfg.loader.batch_size), p.head
     head.train()
-    while loader.epoch < lin.epochs and not stop:
-        epoch, meter_t = loader.epoch, time.perf_counter()
+    while not clock.finished(loader.epoch, p.step):
+        epoch = loader.epoch
         tsum = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss sum, correct@1, n (this epoch)
         wloss = torch.zeros((), dtype=torch.float64, device=env.device)  # loss sum since the last log line
+        meter.waiting()
         for batch in loader:
-            meter.wait += time.perf_counter() - meter_t
-            lr = probe_lr(p.step, cfg, spe, p.lr0)
+            meter.arrived()
+            lr = schedule(p.step)
             for g in p.optimizer.param_groups:
                 g["lr"] = lr
             y = batch["label"].to(env.device, non_blocking=True)  # [B]
@@ -331,23 +331,27 @@ def _probe_loop(p: LinearProbe, log: MetricsLog) -> Dict[str, float]:
                           f"loss {lval:.4f} lr {lr:.4g} {rec['images_per_s']:.0f} img/s/rank "
                           f"wait {100 * rec['data_wait']:.0f}%")
                 meter.reset()
-            stop = lin.max_steps > 0 and p.step >= lin.max_steps
-            if stop:
+            if clock.stops(p.step):
                 break
-            meter_t = time.perf_counter()
-        done = epoch + 1 if loader.next_batch in (0, spe) else epoch  # epochs completed
-        last = stop or done >= lin.epochs
-        if last or (done > epoch and done % lin.eval_every == 0):
-            tl, tc, tn = _all_reduce(tsum, env.world).tolist()
-            res = validate(p)
-            p.best_top1 = max(p.best_top1, res["top1"])
-            res.update(train_loss=tl / max(tn, 1), train_top1=100.0 * tc / max(tn, 1), best_top1=p.best_top1)
-            log.write({"kind": "linear_eval", "step": p.step, "epoch": done, **res})
-            log0(env, f"linear ep {done}/{lin.epochs} val top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}% "
-                      f"(best top-1 {p.best_top1:.2f}%) train loss {res['train_loss']:.4f} "
-                      f"train top-1 {res['train_top1']:.2f}%")
-        if last or (lin.ckpt_every and done > epoch and done % lin.ckpt_every == 0):
-            p.save()
+            meter.waiting()
+        done, due = clock.after_epoch(epoch, loader.next_batch, p.step)
+        with meter.paused():
+            if due.evaluate:
+                res = _validate_epoch(p, log, tsum, done)
+            if due.save:
+                p.save()
+    return res
+
+
+def _validate_epoch(p: LinearProbe, log: MetricsLog, tsum: torch.Tensor, done: int) -> Dict[str, float]:
+    tl, tc, tn = _all_reduce(tsum, p.env.world).tolist()
+    res = validate(p)
+    p.best_top1 = max(p.best_top1, res["top1"])
+    res.update(train_loss=tl / max(tn, 1), train_top1=100.0 * tc / max(tn, 1), best_top1=p.best_top1)
+    log.write({"kind": "linear_eval", "step": p.step, "epoch": done, **res})
+    log0(p.env, f"linear ep {done}/{p.cfg.linear.epochs} val top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}% "
+                f"(best top-1 {p.best_top1:.2f}%) train loss {res['train_loss']:.4f} "
+                f"train top-1 {res['train_top1']:.2f}%")
     return res
 
 

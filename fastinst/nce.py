@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from . import dist as fdist
 from .memory import ShardedMemoryBank
+from .rows import partial_fc_cross_entropy
 from .runtime import generator
 
 NCE_EPS = 1e-7  # lemniscate NCECriterion's eps in both denominators
@@ -103,15 +104,6 @@ class _ShardLogits(torch.autograd.Function):
         return out.to(ctx.dtype), None
 
 
-def _owned_rows(bank: ShardedMemoryBank, index: torch.Tensor) -> torch.Tensor:
-    """fp32 copy of the rows of `index` this rank owns, zeros elsewhere: [*index.shape, D].
-    Sync-free (clamped gather of index.numel() rows); for small index sets only."""
-    if bank.world_size == 1:
-        return bank.shard[index].float()
-    local = bank.local_index(index).clamp(0, bank.rows_local - 1)
-    return torch.where(bank.owner_mask(index).unsqueeze(-1), bank.shard[local].float(), 0.0)
-
-
 def sampled_dots(bank: ShardedMemoryBank, feats: torch.Tensor, index: torch.Tensor,
                  noise: torch.Tensor) -> torch.Tensor:
     """Inner products [B, 1+K] of global features with bank rows; column 0 is the positive
@@ -126,8 +118,8 @@ def sampled_dots(bank: ShardedMemoryBank, feats: torch.Tensor, index: torch.Tens
         partial = _OwnedDots.apply(feats, bank, both)  # [B, 1+K]
     else:
         f = feats.float()
-        pos = (f * _owned_rows(bank, index)).sum(1, keepdim=True)  # [B, 1]
-        neg = f @ _owned_rows(bank, noise).t()  # [B, K]; other ranks' columns are 0
+        pos = (f * bank.owned_rows(index)).sum(1, keepdim=True)  # [B, 1]
+        neg = f @ bank.owned_rows(noise).t()  # [B, K]; other ranks' columns are 0
         partial = torch.cat([pos, neg], 1)  # [B, 1+K]
     return fdist.all_reduce_sum_with_grad(partial) if bank.world_size > 1 else partial
 
@@ -194,17 +186,7 @@ def full_softmax_loss(bank: ShardedMemoryBank, feats: torch.Tensor, index: torch
     each rank forms only its [B, rows_local] logits; an all-reduced row max and sum-exp give
     the global log-sum-exp (Partial-FC), and the positive logit comes from its owner."""
     logits = _ShardLogits.apply(feats, bank) / temperature  # [B, rows_local]
-    m = logits.detach().amax(1)  # [B]; a constant shift, so its gradient cancels
-    if bank.world_size > 1:
-        m = fdist.all_reduce_no_grad(m, "max")
-    sumexp = torch.exp(logits - m.unsqueeze(1)).sum(1)  # [B]
-    local = bank.local_index(index).clamp(0, bank.rows_local - 1)  # [B]
-    pos = torch.where(bank.owner_mask(index), logits.gather(1, local.unsqueeze(1)).squeeze(1),
-                      0.0)  # [B]; non-zero on the owner rank only
-    stats = torch.stack([sumexp, pos], 1)  # [B, 2]: one collective for both
-    if bank.world_size > 1:
-        stats = fdist.all_reduce_sum_with_grad(stats)
-    return (stats[:, 0].log() + m - stats[:, 1]).mean()
+    return partial_fc_cross_entropy(logits, bank.owned_logit(logits, index), bank.world_size)
 
 
 # ---- the NPID objective as one module ------------------------------------------------------------

@@ -19,26 +19,29 @@ from typing import List
 import torch
 
 from fastinst import engine
+from fastinst.runtime import DistEnv
 
 
 def trained_params(tr) -> List[torch.Tensor]:
-    """Every parameter one of the trainer's optimisers steps (model + the method's own)."""
-    return [p for o in tr.optimizers for g in o.param_groups for p in g["params"]]
+    """Every parameter one of the trainer's optimisers steps (its modules' + the method's own)."""
+    return [p for o in tr.optimizers.values() for g in o.param_groups for p in g["params"]]
 
 
 def _snapshot(tr):
-    return (copy.deepcopy(engine.unwrap(tr.model).state_dict()), copy.deepcopy(tr.method.state_dict()),
-            [copy.deepcopy(o.state_dict()) for o in tr.optimizers])
+    nets = {n: copy.deepcopy(engine.unwrap(m).state_dict()) for n, m in tr.method.trained_modules().items()}
+    return (nets, copy.deepcopy(tr.method.state_dict()),
+            [copy.deepcopy(o.state_dict()) for o in tr.optimizers.values()])
 
 
 def _restore(tr, snap, keep_params: bool) -> None:
     """Put back the model's and the method's state (BN statistics, bank, queue, noise RNG) and
     the optimisers' state; with ``keep_params`` the trained parameters keep their values."""
     now = [p.detach().clone() for p in trained_params(tr)] if keep_params else None
-    model_sd, method_sd, opt_sds = snap
-    engine.unwrap(tr.model).load_state_dict(model_sd)
+    nets_sd, method_sd, opt_sds = snap
+    for n, m in tr.method.trained_modules().items():
+        engine.unwrap(m).load_state_dict(nets_sd[n])
     tr.method.load_state_dict(method_sd)
-    for o, sd in zip(tr.optimizers, opt_sds):
+    for o, sd in zip(tr.optimizers.values(), opt_sds):
         o.load_state_dict(copy.deepcopy(sd))
     if now is not None:
         with torch.no_grad():
@@ -47,7 +50,7 @@ def _restore(tr, snap, keep_params: bool) -> None:
 
 
 def _loss(tr, batch, lr: float) -> float:
-    tr.method.before_step(0, lr)
+    tr.method.before_step(0)
     with torch.no_grad():
         return float(tr.method(batch)["loss"])
 
@@ -56,11 +59,13 @@ def _step(tr, batch, lr: float):
     """One engine step (engine.train_step) at ``lr``: returns (g, Δ) flattened over every
     trained parameter, g the gradient of this step's loss, Δ = θ_before − θ_after."""
     before = [p.detach().clone() for p in trained_params(tr)]
-    for o in tr.optimizers:
+    for o in tr.optimizers.values():
         for grp in o.param_groups:
             grp["lr"] = lr
-    tr.method.before_step(0, lr)
-    _, loss = engine.train_step(tr.method, tr.optimizers, tr.scaler, tr.amp, tr.env.device.type, batch)
+    tr.method.before_step(0)
+    stage = tr.stages[0]
+    opts = {n: tr.optimizers[n] for n in stage.optimizers}
+    _, loss = engine.train_step(tr.method, opts, tr.scaler, tr.amp, tr.env.device.type, batch, stage.step)
     assert loss == loss, "non-finite loss in the descent check"
     g = torch.cat([(p.grad.to_dense() if p.grad is not None else torch.zeros_like(p)).flatten().double()
                    for p in trained_params(tr)])
@@ -73,10 +78,11 @@ def assert_one_step_descends(cfg, out_dir: str, rel_decrease: float = 1e-3) -> L
     engine step lowers the method's loss by at least half its first-order prediction, and that
     every parameter the optimisers own receives a gradient. Returns the initial values of the
     trained parameters (in `trained_params` order)."""
-    tr = engine.build_trainer(cfg, out_dir, engine.DistEnv())
+    tr = engine.build_trainer(cfg, out_dir, DistEnv())
     try:
         init = [p.detach().clone() for p in trained_params(tr)]
-        tr.model.train()
+        for m in tr.method.trained_modules().values():
+            m.train()
         batch = next(iter(tr.loader))
         snap = _snapshot(tr)
         l0 = _loss(tr, batch, 0.0)

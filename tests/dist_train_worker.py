@@ -15,6 +15,7 @@ from torch import nn  # noqa: E402
 
 import fastinst.engine as engine  # noqa: E402
 from fastinst.config import load_config  # noqa: E402
+from fastinst.runtime import main_guard  # noqa: E402
 
 _build = engine.build_model
 
@@ -35,4 +36,4 @@ def build_model_without_bn(*args, **kw):
 if __name__ == "__main__":
     engine.build_model = build_model_without_bn
     out, overrides = sys.argv[1], sys.argv[2:]
-    engine.main_guard(engine.train, load_config(None, overrides), out)
+    main_guard(engine.train, load_config(None, overrides), out)

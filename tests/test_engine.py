@@ -11,6 +11,8 @@ from fastinst import engine
 from fastinst.checkpoint import find_latest_complete, list_complete, load_checkpoint
 from fastinst.config import ConfigError, load_config
 from fastinst.methods.npid import NPID
+from fastinst.optim import scaled_lr
+from fastinst.schedule import Clock
 from tests.distutil import run_on_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,9 +93,10 @@ def test_resume_reproduces_uninterrupted_run(colours, tmp_path):
 
 
 def _nan_at(monkeypatch, bad_calls):
-    """Make NPID.forward return a NaN loss on the given (0-based) calls; record bank changes."""
+    """Make NPID.forward return a NaN loss on the given (0-based) calls; record, per step, which
+    hook the engine called (after_step: applied, on_skip: not) and whether the bank and Z moved."""
     calls, seen = {"n": 0}, []
-    forward, after = NPID.forward, NPID.after_step
+    forward, after, skip = NPID.forward, NPID.after_step, NPID.on_skip
 
     def fwd(self, batch):
         self.z_at_forward = None if self.criterion.nce is None else self.criterion.nce.z.clone()
@@ -103,16 +106,16 @@ def _nan_at(monkeypatch, bad_calls):
         calls["n"] += 1
         return out
 
-    def aft(self, out):
+    def record(self, out, hook, applied):
         before = self.bank.shard.clone()
-        applied = after(self, out)
+        hook(self, out)
         changed = not torch.equal(before, self.bank.shard)
         z_same = self.z_at_forward is None or torch.equal(self.z_at_forward, self.criterion.nce.z)
         seen.append((math.isfinite(float(out["loss"].detach())), applied, changed, z_same))
-        return applied
 
     monkeypatch.setattr(NPID, "forward", fwd)
-    monkeypatch.setattr(NPID, "after_step", aft)
+    monkeypatch.setattr(NPID, "after_step", lambda self, out: record(self, out, after, True))
+    monkeypatch.setattr(NPID, "on_skip", lambda self, out: record(self, out, skip, False))
     return seen
 
 
@@ -195,13 +198,16 @@ def test_two_processes_match_one(colours, tmp_path):
 def test_lr_schedule_warmup_step_cosine():
     cfg = load_config(None, ["train.epochs=10", "train.milestones=[4, 8]", "train.warmup_epochs=1", "train.lr=0.1",
                              "train.lr_batch=256", "loader.batch_size=64"])
-    lr0 = engine.base_lr(cfg, world=8)  # global batch 512 -> 2x the quoted lr
+    t = cfg.train
+    lr0 = scaled_lr(t.lr, t.lr_batch, cfg.loader.batch_size, world=8)  # global batch 512 -> 2x the quoted lr
     assert lr0 == pytest.approx(0.2)
-    lrs = [engine.lr_at(s, cfg, 10, lr0) for s in range(100)]
+    sched = engine.train_schedule(cfg, lr0, 10, Clock(10, [t.epochs]))
+    lrs = [sched(s) for s in range(100)]
     assert lrs[0] == pytest.approx(0.02) and lrs[9] == pytest.approx(0.2)  # linear warm-up over epoch 0
     assert lrs[39] == pytest.approx(0.2) and lrs[40] == pytest.approx(0.02) and lrs[80] == pytest.approx(0.002)
     cos = load_config(None, ["train.epochs=10", "train.schedule=cosine", "train.milestones=[]"])
-    lrs = [engine.lr_at(s, cos, 10, 1.0) for s in range(101)]
+    sched = engine.train_schedule(cos, 1.0, 10, Clock(10, [cos.train.epochs]))
+    lrs = [sched(s) for s in range(101)]
     assert lrs[0] == 1.0 and lrs[50] == pytest.approx(0.5) and lrs[100] == pytest.approx(0.0)
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 

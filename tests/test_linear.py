@@ -25,7 +25,9 @@ from datagen import channel_items
 from fastinst import engine, linear
 from fastinst.checkpoint import find_latest_complete, list_complete, load_checkpoint, save_checkpoint
 from fastinst.config import ConfigError, load_config, save_config, to_dict
+from fastinst.metrics import MetricsLog
 from fastinst.model import EmbeddingNet, build_model
+from fastinst.runtime import DistEnv
 from loaders.prepare import write_zip_layout
 from tests.distutil import run_on_ranks
 
@@ -151,7 +153,7 @@ def test_probe_learns_linearly_separable_colours(colours, tmp_path):
 def test_backbone_stays_frozen(colours, tmp_path):
     data, ckpt = colours
     cfg = tiny_cfg(data, "linear.max_steps=3", "linear.ckpt_every=0")
-    probe = linear.build_probe(cfg, ckpt, str(tmp_path), engine.DistEnv())
+    probe = linear.build_probe(cfg, ckpt, str(tmp_path), DistEnv())
     before = {k: v.clone() for k, v in probe.backbone.state_dict().items()}
     head0 = probe.head.weight.detach().clone()
     saved = load_checkpoint(ckpt)["model"]
@@ -159,7 +161,7 @@ def test_backbone_stays_frozen(colours, tmp_path):
     assert len(trunk) > 100 and all(torch.equal(before[k], saved[k]) for k in trunk)  # loaded as saved
     assert not any(q.requires_grad for q in probe.backbone.parameters())
     try:
-        linear._probe_loop(probe, engine.MetricsLog(str(tmp_path), 1, None))  # rank 1: writes nothing
+        linear._probe_loop(probe, MetricsLog(str(tmp_path), 1, None))  # rank 1: writes nothing
     finally:
         probe.loader.close()  # stop loader workers now (a later GC pass would wait on them)
         probe.val_loader.close()

@@ -72,8 +72,8 @@ def test_pic_classifier_out_of_ddp_with_own_optimizer(colours, tmp_path):
     tr = engine.train(tiny_cfg(colours, "method.name=pic", MULTICROP, "train.max_steps=2"), str(tmp_path / "r"))
     w = tr.method.classifier.weight
     assert all(w is not p for p in tr.model.parameters())  # not in the model (nor in DDP)
-    assert [type(o).__name__ for o in tr.optimizers] == ["SGD", "LazySGD"]
-    assert tr.extra_optimizers[0].steps == 2 and tr.extra_optimizers[0].param_groups[0]["lr"] > 0
+    assert [type(o).__name__ for o in tr.optimizers.values()] == ["SGD", "LazySGD"]
+    assert tr.optimizers["classifier"].steps == 2 and tr.optimizers["classifier"].param_groups[0]["lr"] > 0
     feats, labels = tr.method.train_features()
     assert feats.shape == (32, 128) and labels.shape == (32,)
 
@@ -94,7 +94,7 @@ def test_pic_resume_reproduces_uninterrupted_run(colours, tmp_path):
     assert [r["loss"] for r in metrics(b)] == pytest.approx([r["loss"] for r in metrics(a)], rel=1e-5, abs=1e-6)
     torch.testing.assert_close(resumed.method.classifier.weight, straight.method.classifier.weight)
     torch.testing.assert_close(resumed.method.recent, straight.method.recent)
-    sa, sb = straight.extra_optimizers[0], resumed.extra_optimizers[0]
+    sa, sb = straight.optimizers["classifier"], resumed.optimizers["classifier"]
     assert sa._tree.lrs == pytest.approx(sb._tree.lrs)
     for p, q in zip(resumed.model.parameters(), straight.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
@@ -124,7 +124,7 @@ def test_moco_simclr_resume_reproduces_uninterrupted_run(colours, tmp_path, over
     assert set(ms) == set(mr)
     for k in ms:  # MoCo: key encoder and queue; SimCLR: nothing
         torch.testing.assert_close(mr[k], ms[k], rtol=1e-5, atol=1e-6)
-    for oa, ob in zip(straight.optimizers, resumed.optimizers):
+    for oa, ob in zip(straight.optimizers.values(), resumed.optimizers.values()):
         sa, sb = oa.state_dict()["state"], ob.state_dict()["state"]
         assert set(sa) == set(sb) and sa
         for i in sa:

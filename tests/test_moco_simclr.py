@@ -18,7 +18,8 @@ from torch import nn
 
 from fastinst import dist as fdist
 from fastinst.moco import KeyQueue, batch_shuffle, batch_unshuffle, moco_loss, momentum_update
-from fastinst.simclr import LARS, nt_xent
+from fastinst.optim import LARS
+from fastinst.simclr import nt_xent
 from tests.distutil import in_gloo_group, spawn_and_collect
 
 WORLD, B_LOCAL, D, T = 2, 3, 5, 0.2

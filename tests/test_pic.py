@@ -15,8 +15,9 @@ import math
 import pytest
 import torch
 
-from fastinst.memory import shard_bounds
-from fastinst.pic import LazySGD, ShardedClassifier, _step_matrix, _StepProducts
+from fastinst.rows import shard_bounds
+from fastinst.lazysgd import LazySGD, _step_matrix, _StepProducts
+from fastinst.pic import ShardedClassifier
 from tests.distutil import in_gloo_group, spawn_and_collect
 
 F64 = torch.float64
@@ -332,8 +333,8 @@ def train_recent(rank, world, k):
     backbone = torch.nn.Linear(IN, D).double()
     model = torch.nn.parallel.DistributedDataParallel(backbone) if world > 1 else backbone
     method = PIC(model, N_DIST, embed_dim=D, T=T, large_views=1, negatives=k, sampling="recent",
-                 momentum=0.9, weight_decay=1e-2, rank=rank, world_size=world, seed=3).double()
-    opt_c = method.extra_optimizers(lr=0.0)[0]
+                 rank=rank, world_size=world, seed=3).double()
+    opt_c = method.make_optimizer(lr=0.0, momentum=0.9, weight_decay=1e-2)
     opt_b = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9)
     bl = WORLD * BL // world
     mine = slice(rank * bl, (rank + 1) * bl)
@@ -341,12 +342,12 @@ def train_recent(rank, world, k):
     for step in range(STEPS_RECENT):
         xb, xs, index, _ = dist_batch(step)
         lr = cosine_warmup_lr(step, STEPS_RECENT, base=4.0, warmup=2)
-        method.before_step(step, lr)
+        method.before_step(step)
         used = method._negatives(torch.device("cpu"))
         out = method({"index": index[mine], "views": [xb[mine], xs[mine]]})
         out["loss"].backward()
         step_both(opt_b, opt_c, lr)
-        assert method.after_step(out)
+        method.after_step(out)  # the engine calls it for finite steps
         records.append((out["loss"].detach().clone(), used, method.recent.clone()))
     method.flush()
     return records, method.classifier.gather_full()

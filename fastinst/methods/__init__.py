@@ -1,21 +1,10 @@
-"""Method registry: each self-supervised method is one small module registered by name.
+"""Method registry: each self-supervised method is one small module registered by name, with
+its config dataclass (``cls.Config``, the ``method.<name>`` section of a config file).
 
-A method is an ``nn.Module`` built by ``build_method(cfg, model, num_samples, ranks)``:
-
-- ``forward(batch) -> dict(loss=Tensor[], ...)``: embeddings of the batch's views and the
-  loss of the *global* batch (same value on every rank);
-- ``after_step(out) -> bool``: ``@torch.no_grad()`` state updates (memory bank, queues) made
-  after the optimiser step, only when ``out["loss"]`` is finite; returns whether it applied;
-- ``state_dict()``: everything resumable the method owns (bank shard, Z, noise RNG), not
-  the model's weights (the engine saves those);
-- ``train_features() -> (feats, labels) | None``: this rank's training features for kNN
-  evaluation without a recompute pass (NPID: its bank shard), or None;
-- ``extra_optimizers(lr)``, ``before_step(step, lr)``, ``flush()``: see fastinst/methods/base.py,
-  whose ``Method`` base class holds the protocol and its no-op defaults.
-
-Registered: npid (NPID / InstDisc), pic (PIC), moco (MoCo v2), simclr (SimCLR).
-
-The engine never branches on the method's name (DESIGN.md, "one registry of methods").
+Registered: npid (NPID / InstDisc), pic (PIC), moco (MoCo v2), simclr (SimCLR). Adding a
+method is a new module here (or anywhere that calls `register`) plus one line in
+`_import_all`. The protocol is fastinst/methods/base.py; the engine never branches on a
+method's name (DESIGN.md, "one registry of methods").
 """
 from __future__ import annotations
 
@@ -25,7 +14,8 @@ _REGISTRY: Dict[str, Callable] = {}
 
 
 def register(name: str):
-    """Class decorator: ``@register("npid")`` makes the class buildable by ``method.name``."""
+    """Class decorator: ``@register("npid")`` makes the class buildable by ``method.name`` and
+    its ``Config`` the ``method.<name>`` config section."""
 
     def deco(cls):
         if name in _REGISTRY and _REGISTRY[name] is not cls:
@@ -36,14 +26,20 @@ def register(name: str):
     return deco
 
 
+def _import_all() -> None:
+    from . import npid, pic, moco, simclr  # noqa: F401  (each registers itself)
+
+
 def available() -> list:
     """Registered method names, in registration order."""
     _import_all()
     return list(_REGISTRY)
 
 
-def _import_all() -> None:
-    from . import npid, pic, moco, simclr  # noqa: F401  (each registers itself)
+def registered() -> Dict[str, Callable]:
+    """{name: class} of every registered method, in registration order."""
+    _import_all()
+    return dict(_REGISTRY)
 
 
 def method_class(name: str):
@@ -54,9 +50,3 @@ def method_class(name: str):
 
         raise ConfigError(f"config key 'method.name': must be one of {available()}, got {name!r}")
     return _REGISTRY[name]
-
-
-def build_method(cfg, model, num_samples: int, ranks, *, labels=None, device=None):
-    """Instantiate ``cfg.method.name`` for a training set of ``num_samples`` images."""
-    return method_class(cfg.method.name).from_config(cfg, model, num_samples, ranks, labels=labels,
-                                                     device=device)

@@ -1,36 +1,80 @@
-"""The method protocol: the hooks the engine calls, identically, for every method.
+"""The method protocol: a method is the trainable unit, and declares what the engine trains.
 
-The engine's step (fastinst/engine.py ``_train_loop``) is, for any method::
+- ``trained_modules()``: the named modules (encoders, heads, generators) the engine moves to
+  the device, wraps in DDP, checkpoints, and whose BatchNorm statistics it restores after a
+  skipped step. They are held in ``self.nets``, a plain dict, so this nn.Module's own
+  ``state_dict`` is the method's state (banks, queues, key encoders, noise RNG) and nothing
+  the engine saves twice. (The name is not ``modules()``: nn.Module has that one.)
+- ``optimizers(make)``: named (optimiser, lr schedule) pairs; each optimiser's lr follows its
+  own schedule. The default is ``train.optimizer`` (SGD or LARS) over every trained module.
+- ``stages(passes, optimizer_names)``: the ordered stages of a run, each with a length in
+  passes over the data, the modules it trains (the others are frozen: eval mode, no
+  gradients), the optimisers it steps and its own step. The default is one stage that trains
+  everything with ``forward`` + one backward (`default_step`).
+- per step: ``before_step(step)``, then the stage's step, then ``after_step(out)`` for a
+  finite loss (bank, queue and key-encoder updates) or ``on_skip(out)`` for a non-finite one;
+- outside the step: ``flush()`` before a checkpoint or an evaluation reads lazily-updated
+  state, ``train_features()`` / ``knn_embed()`` for kNN, ``check_config(cfg)`` at config load.
 
-    method.before_step(step, lr)            # per-step schedules / seeds (after the lr is set)
-    out = method(batch)                      # dict(loss=global-batch loss, ...)
-    if finite(out["loss"]):
-        out["loss"].backward(); step the model optimiser and every ``extra_optimizers``
-    method.after_step(out)                   # @no_grad state updates, only for a finite loss
-
-plus, outside the step: ``extra_optimizers(lr)`` once at build time (their state is
-checkpointed by the engine, their lr follows the same schedule), ``flush()`` before a
-checkpoint or an evaluation reads lazily-updated state, ``train_features()`` for kNN, and
-``state_dict()`` / ``load_state_dict()`` for everything resumable the method owns (never the
-model's weights: the engine saves those). The defaults here are the no-op versions, so a
-method overrides only what it uses.
+A method's config dataclass is its ``Config`` (the ``method.<name>`` section); it is built with
+``from_config(config, encoder, ctx)``: its own section, the encoder the engine built from
+``model.*``, and a `BuildContext` with the few run facts a method may need.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..config import ConfigError
+from ..runtime import DistEnv
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """Facts of the run a method is built for (besides its own config section)."""
+
+    env: DistEnv
+    num_samples: int  # N, training images (rows of banks / classifiers)
+    labels: Optional[torch.Tensor]  # [N] train labels, for kNN on method rows (never trained on)
+    seed: int
+    global_batch: int  # loader.batch_size x world
+    view_groups: Tuple[int, ...]  # views per crop group of aug.crops (PIC: group 0 = large crops)
+    embed_dim: int  # model.embed_dim
+    dataset: str  # "<data.path>:<train split>", for messages
+    build_encoder: Callable[..., nn.Module]  # another encoder from model.* (kwargs override it)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a run. ``step(batch, backward) -> out`` runs a training step and calls
+    ``backward(loss, optimizer_names=None)`` for each loss to apply (the engine scales, checks
+    and applies it, and steps those optimisers, by default all of the stage's); None: the
+    default step. Modules the stage does not train must be called under torch.no_grad()."""
+
+    name: str
+    passes: float
+    trains: Tuple[str, ...]
+    optimizers: Tuple[str, ...]
+    step: Optional[Callable] = None
+
+
+Backward = Callable[..., bool]
 
 
 class Method(nn.Module):
     """Base class of every registered method (see the module docstring for the protocol)."""
 
+    Config = None  # the method's config dataclass: config section method.<name>
     # Views per image the method needs from the loader (None: any number), and what they are.
     needs_views: Optional[int] = None
     views_are: str = ""
+
+    def __init__(self, **nets: nn.Module):
+        super().__init__()
+        self.nets: Dict[str, nn.Module] = dict(nets)  # plain dict: not submodules (see above)
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -43,23 +87,35 @@ class Method(nn.Module):
                 f"aug.crops=[{{count: {cls.needs_views}, size: 224, scale: [0.2, 1.0]}}]")
 
     @classmethod
-    def from_config(cls, cfg, model, num_samples: int, ranks, *, labels=None, device=None) -> "Method":
+    def from_config(cls, config, encoder: nn.Module, ctx: BuildContext) -> "Method":
         raise NotImplementedError
 
-    def extra_optimizers(self, lr: float) -> List[torch.optim.Optimizer]:
-        """Optimisers for parameters the method owns outside the (DDP) model, e.g. PIC's
-        sharded classifier with its LazySGD. The engine sets their lr every step, zeroes,
-        steps (through the grad scaler) and checkpoints them with the model's optimiser."""
-        return []
+    # ---- what the engine trains ---------------------------------------------------------------
+    def trained_modules(self) -> Dict[str, nn.Module]:
+        return self.nets
 
-    def before_step(self, step: int, lr: float) -> None:
-        """Called before ``forward`` with the global step and its learning rate."""
+    def wrap(self, fn: Callable[[nn.Module], nn.Module]) -> None:
+        """Replace every trained module by ``fn(module)`` (the engine: device, then DDP)."""
+        self.nets = {name: fn(m) for name, m in self.nets.items()}
 
-    def after_step(self, out: dict) -> bool:
-        """``@torch.no_grad`` updates after the optimiser step; skip them when the loss is
-        non-finite. Returns whether they were applied."""
-        return bool(torch.isfinite(out["loss"]))  # host sync (the engine already synced on it)
+    def optimizers(self, make) -> Dict[str, Tuple[torch.optim.Optimizer, Callable[[int], float]]]:
+        params = [p for m in self.nets.values() for p in m.parameters() if p.requires_grad]
+        return {"model": make.default(params)}
 
+    def stages(self, passes: float, optimizer_names: Sequence[str]) -> List[Stage]:
+        return [Stage("train", passes, tuple(self.nets), tuple(optimizer_names))]
+
+    # ---- the step ------------------------------------------------------------------------------
+    def before_step(self, step: int) -> None:
+        """Called before the step with the global step (per-step seeds)."""
+
+    def after_step(self, out: dict) -> None:
+        """``@torch.no_grad`` state updates after the optimisers stepped a finite loss."""
+
+    def on_skip(self, out: dict) -> None:
+        """A non-finite loss: undo what the forward changed in the method's state."""
+
+    # ---- evaluation and state ------------------------------------------------------------------
     def flush(self) -> None:
         """Bring lazily-updated state up to date (before a checkpoint or an evaluation)."""
 
@@ -68,26 +124,33 @@ class Method(nn.Module):
         kNN without a recompute pass, or None (the engine then recomputes)."""
         return None
 
+    def knn_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding kNN evaluation uses: the encoder's (outside DDP)."""
+        return unwrap(self.nets["encoder"])(x)
+
+
+def default_step(method: Method, batch: dict, backward: Backward) -> dict:
+    """Forward the batch, one backward of its loss through every optimiser of the stage."""
+    out = method(batch)
+    backward(out["loss"])
+    return out
+
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DDP (or the module itself)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def check_row_layout(cfg, model, num_samples: int, ranks, *, key: str, k: int, rows: str, fix: str,
-                     sharded: str) -> None:
+def check_row_layout(ctx: BuildContext, *, key: str, k: int, rows: str, fix: str, sharded: str) -> None:
     """Start-up invariants of a method with one row per training image, sharded by rank (NPID's
     bank, PIC's classifier), checked when the rows are built, not mid-run: the ``k`` rows that
-    config key ``key`` samples per step fit in N, every rank owns a row, and the rows have the
-    model's embedding size."""
-    if k >= num_samples:
+    config key ``key`` samples per step fit in N, and every rank owns a row."""
+    if k >= ctx.num_samples:
         raise ConfigError(f"config key '{key}': K={k} {rows} needs a training set larger than K, but "
-                          f"{cfg.data.path}:{cfg.data.train_split} has N={num_samples}; {fix}")
-    if num_samples < ranks.world:
-        raise ConfigError(f"N={num_samples} training images is less than the {ranks.world} ranks that shard "
-                          f"{sharded}; use fewer processes")
-    if cfg.model.embed_dim != getattr(unwrap(model), "embed_dim", cfg.model.embed_dim):
-        raise ConfigError("config key 'model.embed_dim': differs from the model's embedding size")
+                          f"{ctx.dataset} has N={ctx.num_samples}; {fix}")
+    if ctx.num_samples < ctx.env.world:
+        raise ConfigError(f"N={ctx.num_samples} training images is less than the {ctx.env.world} ranks that "
+                          f"shard {sharded}; use fewer processes")
 
 
 def embed_views(model: nn.Module, views: Sequence[torch.Tensor]) -> List[torch.Tensor]:

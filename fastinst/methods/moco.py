@@ -14,21 +14,41 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .. import dist as fdist
-from ..config import ConfigError
+from ..config import ConfigError, check
 from ..moco import KeyQueue, batch_shuffle, batch_unshuffle, moco_loss, momentum_update
-from . import register
 from ..runtime import generator
-from .base import Method, unwrap
+from . import register
+from .base import BuildContext, Method, unwrap
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoCoConfig:
+    """MoCo v2 (Chen et al. 2020; facebookresearch/moco main_moco.py --moco-k/-m/-t, --mlp)."""
+
+    K: int = 65536  # queue size; a multiple of the global batch (checked at start-up)
+    m: float = 0.999  # key-encoder momentum
+    T: float = 0.2
+    # Shuffling BN across ranks for the key encoder (MoCo Sec. 3.3); set false when
+    # model.sync_bn=true (statistics over all ranks need no shuffle).
+    shuffle_bn: bool = True
+
+    def __post_init__(self):
+        check(self.K >= 1, "method.moco.K", "must be >= 1 (MoCo v2 uses 65536)")
+        check(0.0 <= self.m < 1.0, "method.moco.m", "must lie in [0, 1) (MoCo uses 0.999)")
+        check(self.T > 0, "method.moco.T", "temperature must be > 0 (MoCo v2 uses 0.2)")
 
 
 @register("moco")
 class MoCo(Method):
-    """Key encoder + queue (both in this state_dict); the query encoder is the engine's model."""
+    """Key encoder + queue (both in this state_dict); trains the query ``encoder``."""
 
+    Config = MoCoConfig
     needs_views, views_are = 2, "a query/key pair"
 
     @classmethod
@@ -39,11 +59,10 @@ class MoCo(Method):
                               "already mixes statistics over all ranks, set method.moco.shuffle_bn=false (or "
                               "model.sync_bn=false)")
 
-    def __init__(self, model, *, K: int = 65536, m: float = 0.999, T: float = 0.2, shuffle_bn: bool = True,
-                 global_batch: int, embed_dim: int = 128, seed: int = 0, device=None):
-        super().__init__()
-        object.__setattr__(self, "model", model)  # plain attribute: the engine saves its weights
-        self.key_encoder = copy.deepcopy(unwrap(model))  # same initial weights (MoCo copies θq to θk)
+    def __init__(self, encoder: nn.Module, *, K: int = 65536, m: float = 0.999, T: float = 0.2,
+                 shuffle_bn: bool = True, global_batch: int, embed_dim: int = 128, seed: int = 0, device=None):
+        super().__init__(encoder=encoder)
+        self.key_encoder = copy.deepcopy(unwrap(encoder))  # same initial weights (MoCo copies θq to θk)
         for p in self.key_encoder.parameters():
             p.requires_grad_(False)
         self.queue = KeyQueue(embed_dim, K, global_batch=global_batch, seed=seed, device=device)
@@ -51,26 +70,24 @@ class MoCo(Method):
         self._step = 0
 
     @classmethod
-    def from_config(cls, cfg, model, num_samples: int, ranks, *, labels=None, device=None) -> "MoCo":
-        c = cfg.method.moco
-        global_batch = cfg.loader.batch_size * ranks.world
-        if c.K % global_batch != 0:  # start-up, not MoCo's mid-run assert
-            lo = c.K // global_batch * global_batch
+    def from_config(cls, c: MoCoConfig, encoder: nn.Module, ctx: BuildContext) -> "MoCo":
+        if c.K % ctx.global_batch != 0:  # start-up, not MoCo's mid-run assert
+            lo = c.K // ctx.global_batch * ctx.global_batch
             raise ConfigError(
                 f"config key 'method.moco.K': queue size K={c.K} is not a multiple of the global batch "
-                f"{global_batch} (loader.batch_size={cfg.loader.batch_size} x {ranks.world} ranks); every "
-                f"enqueue writes one whole batch. Set method.moco.K={lo or global_batch} or {lo + global_batch}, "
-                "or change loader.batch_size / the number of ranks")
-        return cls(model, K=c.K, m=c.m, T=c.T, shuffle_bn=c.shuffle_bn, global_batch=global_batch,
-                   embed_dim=cfg.model.embed_dim, seed=cfg.seed, device=device)
+                f"{ctx.global_batch} (loader.batch_size={ctx.global_batch // ctx.env.world} x {ctx.env.world} "
+                f"ranks); every enqueue writes one whole batch. Set method.moco.K={lo or ctx.global_batch} or "
+                f"{lo + ctx.global_batch}, or change loader.batch_size / the number of ranks")
+        return cls(encoder, K=c.K, m=c.m, T=c.T, shuffle_bn=c.shuffle_bn, global_batch=ctx.global_batch,
+                   embed_dim=ctx.embed_dim, seed=ctx.seed, device=ctx.env.device)
 
-    def before_step(self, step: int, lr: float) -> None:
+    def before_step(self, step: int) -> None:
         self._step = step  # seeds the BN shuffle: a resumed run draws the same permutations
 
     def forward(self, batch: dict) -> dict:
         device = self.queue.queue.device
         x_q, x_k = (v.to(device, non_blocking=True) for v in batch["views"])  # [B, 3, H, W] each
-        q = self.model(x_q)  # [B, D] unit rows (query encoder, with gradient)
+        q = self.nets["encoder"](x_q)  # [B, D] unit rows (query encoder, with gradient)
         with torch.no_grad():
             if self.shuffle_bn:
                 g = generator(self.seed, "moco-shuffle", self._step)  # a resumed run repeats it
@@ -82,13 +99,10 @@ class MoCo(Method):
         return {"loss": loss, "keys": k}
 
     @torch.no_grad()
-    def after_step(self, out: dict) -> bool:
+    def after_step(self, out: dict) -> None:
         """Momentum update of the key encoder and enqueue of this step's keys (finite steps only)."""
-        if not bool(torch.isfinite(out["loss"])):  # host sync (the engine already synced on it)
-            return False
-        momentum_update(unwrap(self.model), self.key_encoder, self.m)
+        momentum_update(unwrap(self.nets["encoder"]), self.key_encoder, self.m)
         self.queue.enqueue(fdist.all_gather_no_grad(out["keys"]))  # [B_global, D]
-        return True
 
     def extra_repr(self) -> str:
         return f"K={self.queue.size}, m={self.m}, T={self.T}, shuffle_bn={self.shuffle_bn}"

@@ -16,31 +16,62 @@ memory bank. Per step:
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
 from torch import nn
 
+from ..config import check
 from ..memory import ShardedMemoryBank
 from ..nce import NPIDLoss
 from . import register
-from .base import Method, check_row_layout
+from .base import BuildContext, Method, check_row_layout, embed_views
 
 _BANK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+@dataclass(frozen=True, kw_only=True)
+class NPIDConfig:
+    """NPID / InstDisc (Wu et al. 2018; lemniscate.pytorch). Defaults: the ImageNet run."""
+
+    # Noise samples per example; 0 = full softmax over all N bank rows (CIFAR-style).
+    K: int = 4096
+    T: float = 0.07
+    momentum: float = 0.5  # bank update v <- normalise(m v + (1 - m) x)
+    # nce: lemniscate NCECriterion with Pn = 1/N; softmax: cross-entropy over 1 + K (or all N).
+    loss: Literal["nce", "softmax"] = "nce"
+    # per_sample: K fresh noise rows per example (the seeds); shared: one set per global batch.
+    negatives: Literal["per_sample", "shared"] = "per_sample"
+    # NCE partition Z: once = estimated on the first batch (lemniscate); ema = running estimate.
+    z: Literal["once", "ema"] = "once"
+    z_ema: float = 0.99
+    bank_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # auto: fused Triton update on CUDA, torch elsewhere.
+    bank_kernel: Literal["auto", "triton", "torch"] = "auto"
+
+    def __post_init__(self):
+        check(self.K >= 0, "method.npid.K", "must be >= 0 (0 = full softmax)")
+        check(not (self.loss == "nce" and self.K == 0), "method.npid.K",
+               "is 0 (full softmax) but method.npid.loss=nce; set method.npid.loss=softmax or K > 0")
+        check(self.T > 0, "method.npid.T", "temperature must be > 0 (NPID uses 0.07)")
+        check(0.0 <= self.momentum < 1.0, "method.npid.momentum", "must lie in [0, 1) (NPID uses 0.5)")
+        check(0.0 <= self.z_ema < 1.0, "method.npid.z_ema", "must lie in [0, 1)")
+
+
 @register("npid")
 class NPID(Method):
-    """NPID objective + sharded memory bank. ``model`` is used but not owned (not a submodule):
-    the engine saves and restores the weights, this module's state_dict is bank + loss state."""
+    """NPID objective + sharded memory bank; trains ``encoder``. This module's state_dict is
+    the bank and the loss state (Z, noise RNG)."""
 
-    def __init__(self, model: nn.Module, num_samples: int, *, embed_dim: int = 128, K: int = 4096,
+    Config = NPIDConfig
+
+    def __init__(self, encoder: nn.Module, num_samples: int, *, embed_dim: int = 128, K: int = 4096,
                  T: float = 0.07, momentum: float = 0.5, loss: str = "nce", shared_negatives: bool = False,
                  z_momentum: Optional[float] = None, bank_dtype: torch.dtype = torch.float32,
                  bank_kernel: str = "auto", rank: int = 0, world_size: int = 1, seed: int = 0,
                  device=None, labels: Optional[torch.Tensor] = None):
-        super().__init__()
-        object.__setattr__(self, "model", model)  # plain attribute: not in this state_dict
+        super().__init__(encoder=encoder)
         self.bank = ShardedMemoryBank(num_samples, embed_dim, momentum, rank=rank, world_size=world_size,
                                       dtype=bank_dtype, device=device, seed=seed, kernel=bank_kernel)
         self.criterion = NPIDLoss(num_samples, loss=loss, num_negatives=K, shared_negatives=shared_negatives,
@@ -50,37 +81,23 @@ class NPID(Method):
         self._z_before: Optional[torch.Tensor] = None
 
     @classmethod
-    def from_config(cls, cfg, model, num_samples: int, ranks, *, labels=None, device=None) -> "NPID":
-        c = cfg.method.npid
-        check_row_layout(cfg, model, num_samples, ranks, key="method.npid.K", k=c.K, rows="noise rows",
+    def from_config(cls, c: NPIDConfig, encoder: nn.Module, ctx: BuildContext) -> "NPID":
+        check_row_layout(ctx, key="method.npid.K", k=c.K, rows="noise rows",
                          fix="lower method.npid.K (or K=0 with loss=softmax for the full softmax)",
                          sharded="the memory bank")
-        return cls(model, num_samples, embed_dim=cfg.model.embed_dim, K=c.K, T=c.T, momentum=c.momentum,
+        return cls(encoder, ctx.num_samples, embed_dim=ctx.embed_dim, K=c.K, T=c.T, momentum=c.momentum,
                    loss=c.loss, shared_negatives=c.negatives == "shared",
                    z_momentum=c.z_ema if c.z == "ema" else None, bank_dtype=_BANK_DTYPES[c.bank_dtype],
-                   bank_kernel=c.bank_kernel, rank=ranks.rank, world_size=ranks.world, seed=cfg.seed,
-                   device=device, labels=labels)
+                   bank_kernel=c.bank_kernel, rank=ctx.env.rank, world_size=ctx.env.world, seed=ctx.seed,
+                   device=ctx.env.device, labels=ctx.labels)
 
     # ---- training ------------------------------------------------------------------------
-    def embed(self, views) -> tuple:
-        """Embeddings of all views, [V*B, D] fp32 unit rows, and the view order's index repeat
-        count. Views of equal size go through the model in one call (one BN batch, one DDP
-        forward per size)."""
-        groups: Dict[tuple, list] = {}
-        for v in views:
-            groups.setdefault(tuple(v.shape[1:]), []).append(v)
-        feats, counts = [], []
-        for vs in groups.values():
-            x = vs[0] if len(vs) == 1 else torch.cat(vs)  # [n*B, 3, H, W]
-            feats.append(self.model(x))  # [n*B, D]
-            counts.append(len(vs))
-        return (feats[0] if len(feats) == 1 else torch.cat(feats)), sum(counts)
-
     def forward(self, batch: dict) -> dict:
         device = self.bank.shard.device
         index = batch["index"].to(device, non_blocking=True)  # [B] int64 dataset rows
-        feats, n_views = self.embed([v.to(device, non_blocking=True) for v in batch["views"]])  # [V*B, D]
-        index_v = index.repeat(n_views)  # [V*B]; views concatenated view-major, like feats
+        views = [v.to(device, non_blocking=True) for v in batch["views"]]
+        feats = torch.cat(embed_views(self.nets["encoder"], views))  # [V*B, D], view-major
+        index_v = index.repeat(len(views))  # [V*B]
         nce = self.criterion.nce
         # Z is updated inside the loss; keep the old value so a non-finite step leaves no trace.
         self._z_before = None if nce is None else nce.z.detach().clone()
@@ -88,15 +105,15 @@ class NPID(Method):
         return {"loss": out.loss, "feats": out.feats, "index": out.index}
 
     @torch.no_grad()
-    def after_step(self, out: dict) -> bool:
-        """Momentum update of the owned bank rows; skipped (and Z restored) for a non-finite loss."""
-        finite = bool(torch.isfinite(out["loss"]))  # host sync (the engine already synced on it)
-        if not finite:
-            if self._z_before is not None:
-                self.criterion.nce.z.copy_(self._z_before)
-            return False
+    def after_step(self, out: dict) -> None:
+        """Momentum update of the owned bank rows (finite steps only)."""
         self.bank.update(out["index"], out["feats"])  # [B_global], [B_global, D]
-        return True
+
+    @torch.no_grad()
+    def on_skip(self, out: dict) -> None:
+        """A non-finite loss: the bank is left alone and Z is put back."""
+        if self._z_before is not None:
+            self.criterion.nce.z.copy_(self._z_before)
 
     # ---- evaluation ----------------------------------------------------------------------
     @torch.no_grad()
@@ -109,4 +126,3 @@ class NPID(Method):
     def extra_repr(self) -> str:
         c = self.criterion
         return f"loss={c.kind}, K={c.k}, T={c.temperature}, shared_negatives={c.shared}"
-

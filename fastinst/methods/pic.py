@@ -18,43 +18,72 @@ Partial-FC cross-entropy). Per step:
    steps of the other rows in closed form when they are next read (exactly dense SGD).
 
 The classifier is not part of the DDP model (DDP would average gradients of different rows)
-and has its own `LazySGD` with the model's lr schedule, momentum and weight decay, handed to
-the engine through ``extra_optimizers``. The sliding-window sampler (``sampler.kind=
+and has its own `LazySGD` with the model's lr schedule, momentum and weight decay: the second
+entry of ``optimizers``. The sliding-window sampler (``sampler.kind=
 sliding_window``) rescales epochs and warm-up by N/window in the engine, as PIC's
 main_pretrain.py does.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
+from torch import nn
 
 from .. import dist as fdist
-from ..pic import LazySGD, ShardedClassifier
-from . import register
+from ..config import check
+from ..lazysgd import LazySGD
+from ..pic import ShardedClassifier
 from ..runtime import generator
-from .base import Method, check_row_layout, embed_views
+from . import register
+from .base import BuildContext, Method, check_row_layout, embed_views
+
+
+@dataclass(frozen=True, kw_only=True)
+class PICConfig:
+    """PIC (Cao et al. 2020; bl0/PIC scripts/PIC.sh). Window / stride live in sampler.*."""
+
+    T: float = 0.2  # --contrast-temperature 0.2 (cosine logits / T)
+    # 0 = full softmax over all N classifier rows (the released PIC); K > 0 = softmax over the
+    # batch's positives plus K sampled rows shared by the global batch, with the lazy
+    # weight-update correction for rows not sampled (the paper's unreleased variant).
+    negatives: int = 0
+    # recent: the K most recently visited instances (a FIFO of global batch indices; with the
+    # sliding-window sampler these are rows of the current window); uniform: K rows drawn
+    # uniformly from all N each step.
+    sampling: Literal["recent", "uniform"] = "recent"
+    # Per-element std of the initial classifier rows (PIC: nn.init.normal_(sim_matrix, 0, 0.01)).
+    # Rows are normalised in the logits, so |w| only sets the effective step size (~1/|w|^2):
+    # unit-norm rows would learn ~100x slower than PIC's.
+    init_std: float = 0.01
+
+    def __post_init__(self):
+        check(self.T > 0, "method.pic.T", "temperature must be > 0 (PIC uses 0.2)")
+        check(self.init_std > 0, "method.pic.init_std", "must be > 0 (PIC uses 0.01)")
+        check(self.negatives >= 0, "method.pic.negatives", "must be >= 0 (0 = full softmax)")
 
 
 @register("pic")
 class PIC(Method):
-    """PIC objective + this rank's classifier shard. ``model`` is used but not owned."""
+    """PIC objective + this rank's classifier shard (state and its own optimiser); trains
+    ``encoder`` and the classifier."""
 
-    def __init__(self, model, num_samples: int, *, embed_dim: int = 128, T: float = 0.2,
+    Config = PICConfig
+
+    def __init__(self, encoder: nn.Module, num_samples: int, *, embed_dim: int = 128, T: float = 0.2,
                  large_views: int = 1, negatives: int = 0, sampling: str = "recent", init_std: float = 0.01,
-                 momentum: float = 0.9, weight_decay: float = 1e-4, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, device=None, labels: Optional[torch.Tensor] = None):
-        super().__init__()
-        object.__setattr__(self, "model", model)  # plain attribute: not in this state_dict
+                 rank: int = 0, world_size: int = 1, seed: int = 0, device=None,
+                 labels: Optional[torch.Tensor] = None):
+        super().__init__(encoder=encoder)
         self.classifier = ShardedClassifier(num_samples, embed_dim, T, rank=rank, world_size=world_size,
                                             device=device, seed=seed)
         with torch.no_grad():  # init_rows has unit-variance rows (|w| ~ 1): rescale to std init_std
             self.classifier.weight.mul_(init_std * math.sqrt(embed_dim))
         self.num_samples, self.large_views, self.seed = num_samples, large_views, seed
         self.num_negatives, self.sampling = negatives, sampling
-        self._momentum, self._weight_decay = momentum, weight_decay
-        self.optimizer: Optional[LazySGD] = None  # built by extra_optimizers (the engine's)
+        self.optimizer: Optional[LazySGD] = None  # built by optimizers() / make_optimizer()
         self._step = 0
         # Labels of the rows this rank owns, for kNN on the classifier rows (never trained on).
         c = self.classifier
@@ -68,24 +97,26 @@ class PIC(Method):
             self.register_buffer("recent_ptr", torch.zeros((), dtype=torch.long, device=device))  # []
 
     @classmethod
-    def from_config(cls, cfg, model, num_samples: int, ranks, *, labels=None, device=None) -> "PIC":
-        c = cfg.method.pic
-        check_row_layout(cfg, model, num_samples, ranks, key="method.pic.negatives", k=c.negatives,
-                         rows="sampled rows", fix="lower it, or use 0 for the full softmax",
-                         sharded="the PIC classifier")
-        return cls(model, num_samples, embed_dim=cfg.model.embed_dim, T=c.T, large_views=cfg.aug.crops[0].count,
-                   negatives=c.negatives, sampling=c.sampling, init_std=c.init_std, momentum=cfg.train.momentum,
-                   weight_decay=cfg.train.weight_decay, rank=ranks.rank, world_size=ranks.world, seed=cfg.seed,
-                   device=device, labels=labels)
+    def from_config(cls, c: PICConfig, encoder: nn.Module, ctx: BuildContext) -> "PIC":
+        check_row_layout(ctx, key="method.pic.negatives", k=c.negatives, rows="sampled rows",
+                         fix="lower it, or use 0 for the full softmax", sharded="the PIC classifier")
+        return cls(encoder, ctx.num_samples, embed_dim=ctx.embed_dim, T=c.T, large_views=ctx.view_groups[0],
+                   negatives=c.negatives, sampling=c.sampling, init_std=c.init_std, rank=ctx.env.rank,
+                   world_size=ctx.env.world, seed=ctx.seed, device=ctx.env.device, labels=ctx.labels)
 
     # ---- protocol --------------------------------------------------------------------------
-    def extra_optimizers(self, lr: float):
-        """The classifier's LazySGD: same lr (set per step by the engine), momentum and weight
-        decay as the model, like PIC's one SGD over model + sim_matrix."""
-        self.optimizer = self.classifier.make_optimizer(lr, self._momentum, self._weight_decay)
-        return [self.optimizer]
+    def optimizers(self, make):
+        """The encoder's ``train.optimizer``, and the classifier's LazySGD with the same schedule,
+        momentum and weight decay, like PIC's one SGD over model + sim_matrix."""
+        opts = super().optimizers(make)
+        opts["classifier"] = (self.make_optimizer(make.lr, make.momentum, make.weight_decay), make.schedule)
+        return opts
 
-    def before_step(self, step: int, lr: float) -> None:
+    def make_optimizer(self, lr: float, momentum: float, weight_decay: float) -> LazySGD:
+        self.optimizer = self.classifier.make_optimizer(lr, momentum, weight_decay)
+        return self.optimizer
+
+    def before_step(self, step: int) -> None:
         self._step = step  # seeds the uniform negatives: a resumed run draws the same rows
 
     def _negatives(self, device) -> Optional[torch.Tensor]:
@@ -101,7 +132,7 @@ class PIC(Method):
         device = self.classifier.weight.device
         index = batch["index"].to(device, non_blocking=True)  # [B] dataset rows
         views = [v.to(device, non_blocking=True) for v in batch["views"]]
-        feats = embed_views(self.model, views)  # V x [B, D]
+        feats = embed_views(self.nets["encoder"], views)  # V x [B, D]
         negs = self._negatives(device)
         nl, ns = self.large_views, len(views) - self.large_views
         large = feats[0] if nl == 1 else torch.cat(feats[:nl])  # [nl*B, D]
@@ -113,15 +144,13 @@ class PIC(Method):
         return {"loss": loss / (nl + ns), "index": index}
 
     @torch.no_grad()
-    def after_step(self, out: dict) -> bool:
-        finite = bool(torch.isfinite(out["loss"]))  # host sync (the engine already synced on it)
-        if finite and self.num_negatives > 0 and self.sampling == "recent":
+    def after_step(self, out: dict) -> None:
+        if self.num_negatives > 0 and self.sampling == "recent":
             idx = fdist.all_gather_no_grad(out["index"])[-self.num_negatives:]  # [B_global'] newest last
             k = self.recent.shape[0]
             rows = (self.recent_ptr + torch.arange(idx.shape[0], device=idx.device)) % k  # [B']
             self.recent.index_copy_(0, rows, idx)
             self.recent_ptr.copy_((self.recent_ptr + idx.shape[0]) % k)
-        return finite
 
     @torch.no_grad()
     def flush(self) -> None:

@@ -6,29 +6,45 @@ No state besides the model: the base class's no-op hooks do the rest.
 """
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
+import torch
+from torch import nn
+
+from ..config import check
 from ..simclr import nt_xent
 from . import register
-from .base import Method, embed_views
+from .base import BuildContext, Method, embed_views
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimCLRConfig:
+    """SimCLR (Chen et al. 2020; NT-Xent over all ranks' samples)."""
+
+    T: float = 0.1  # PIC scripts/SimCLR.sh --contrast-temperature 0.1; the paper sweeps 0.1-0.5
+
+    def __post_init__(self):
+        check(self.T > 0, "method.simclr.T", "temperature must be > 0 (SimCLR uses 0.1-0.5)")
 
 
 @register("simclr")
 class SimCLR(Method):
+    """Trains ``encoder``; no state of its own."""
+
+    Config = SimCLRConfig
     needs_views, views_are = 2, "a positive pair"
 
-    def __init__(self, model, *, T: float = 0.1, device=None):
-        super().__init__()
-        object.__setattr__(self, "model", model)  # plain attribute: the engine saves its weights
+    def __init__(self, encoder: nn.Module, *, T: float = 0.1, device=None):
+        super().__init__(encoder=encoder)
         self.T, self.device = T, torch.device(device or "cpu")
 
     @classmethod
-    def from_config(cls, cfg, model, num_samples: int, ranks, *, labels=None, device=None) -> "SimCLR":
-        return cls(model, T=cfg.method.simclr.T, device=device)
+    def from_config(cls, c: SimCLRConfig, encoder: nn.Module, ctx: BuildContext) -> "SimCLR":
+        return cls(encoder, T=c.T, device=ctx.env.device)
 
     def forward(self, batch: dict) -> dict:
         views = [v.to(self.device, non_blocking=True) for v in batch["views"]]  # 2 x [B, 3, H, W]
-        z1, z2 = embed_views(self.model, views)  # [B, D] each; equal sizes share one forward / BN batch
+        z1, z2 = embed_views(self.nets["encoder"], views)  # [B, D] each; equal sizes share one forward / BN batch
         return {"loss": nt_xent([z1, z2], self.T)}  # global-batch loss, same on every rank
 
     def extra_repr(self) -> str:
