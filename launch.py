@@ -125,7 +125,7 @@ def _cmd_export(args) -> int:
     import json
 
     from fastinst.config import load_config
-    from fastinst.linear import export_backbone
+    from fastinst.export import export_backbone
 
     if args.overrides and not args.config:
         raise SystemExit("export: config overrides need --config (the architecture comes from the checkpoint)")
@@ -152,44 +152,35 @@ def main(argv=None) -> int:
     pp.add_argument("--folder", action="store_true", help="photos: write the ImageNet folder layout instead")
     pp.set_defaults(func=_cmd_prepare)
 
-    pr = sub.add_parser("profile", help="loader-only throughput, DALI vs torchvision side by side")
-    pr.add_argument("--config", required=True)
-    pr.add_argument("--out", required=True, help="run directory (gets profile.json and config.yaml)")
-    pr.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
-    pr.set_defaults(func=_cmd_profile)
+    def command(name: str, func, help: str, **args):
+        """A subcommand taking --config, the options in ``args`` (name -> (required, help)) and
+        trailing key.sub=value overrides."""
+        c = sub.add_parser(name, help=help)
+        config_help = args.pop("config", None)
+        c.add_argument("--config", required=config_help is None, default=None, help=config_help)
+        for opt, (required, text) in args.items():
+            c.add_argument(f"--{opt}", required=required, default=None, help=text)
+        c.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+        c.set_defaults(func=func)
 
-    pt = sub.add_parser("train", help="self-supervised training (every rank under torchrun)")
-    pt.add_argument("--config", required=True)
-    pt.add_argument("--out", required=True, help="run directory (config.yaml, metrics.jsonl, checkpoints/)")
-    pt.add_argument("--resume", default=None,
-                    help="auto (newest complete checkpoint in OUT/checkpoints), none, or a checkpoint directory; "
-                         "default: train.resume from the config (auto)")
-    pt.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
-    pt.set_defaults(func=_cmd_train)
-
-    pe = sub.add_parser("eval", help="weighted kNN accuracy of a checkpoint (same world size as its save)")
-    pe.add_argument("--config", required=True)
-    pe.add_argument("--checkpoint", required=True, help="a ckpt_* directory with a COMPLETE marker")
-    pe.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
-    pe.set_defaults(func=_cmd_eval)
-
-    pl = sub.add_parser("linear", help="linear probe on the frozen backbone of a checkpoint (PIC main_linear.py)")
-    pl.add_argument("--config", required=True)
-    pl.add_argument("--checkpoint", required=True,
-                    help="a ckpt_* directory with a COMPLETE marker, or a run directory (its newest checkpoint); "
-                         "any world size")
-    pl.add_argument("--out", required=True, help="probe directory (config.yaml, metrics.jsonl, checkpoints/)")
-    pl.add_argument("--resume", default=None, help="auto, none or a probe checkpoint; default: linear.resume (auto)")
-    pl.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
-    pl.set_defaults(func=_cmd_linear)
-
-    px = sub.add_parser("export", help="write a checkpoint's backbone as a torchvision ResNet state_dict")
-    px.add_argument("--checkpoint", required=True, help="a ckpt_* directory or a run directory (its newest)")
-    px.add_argument("--out", required=True, help="output .pth (strict=False load misses only fc.*)")
-    px.add_argument("--config", default=None,
-                    help="optional: check model.arch / model.stem against the checkpoint's own config")
-    px.add_argument("overrides", nargs="*", help="key.sub=value config overrides (with --config)")
-    px.set_defaults(func=_cmd_export)
+    command("profile", _cmd_profile, "loader-only throughput, DALI vs torchvision side by side",
+            out=(True, "run directory (gets profile.json and config.yaml)"))
+    command("train", _cmd_train, "self-supervised training (every rank under torchrun)",
+            out=(True, "run directory (config.yaml, metrics.jsonl, checkpoints/)"),
+            resume=(False, "auto (newest complete checkpoint in OUT/checkpoints), none, or a checkpoint "
+                           "directory; default: train.resume from the config (auto)"))
+    command("eval", _cmd_eval, "weighted kNN accuracy of a checkpoint (same world size as its save)",
+            checkpoint=(True, "a ckpt_* directory with a COMPLETE marker"))
+    command("linear", _cmd_linear, "linear probe on the frozen backbone of a checkpoint (PIC main_linear.py)",
+            checkpoint=(True, "a ckpt_* directory with a COMPLETE marker, or a run directory (its newest "
+                              "checkpoint); any world size"),
+            out=(True, "probe directory (config.yaml, metrics.jsonl, checkpoints/)"),
+            resume=(False, "auto, none or a probe checkpoint; default: linear.resume (auto)"))
+    command("export", _cmd_export, "write a checkpoint's backbone as a torchvision ResNet state_dict",
+            config="optional: check model.arch / model.stem / model.width against the checkpoint's own config "
+                   "(overrides need it)",
+            checkpoint=(True, "a ckpt_* directory or a run directory (its newest)"),
+            out=(True, "output .pth (strict=False load misses only fc.*)"))
 
     # Overrides may also follow options given after them (``--out D k=v --resume auto k2=v2``).
     args, extra = p.parse_known_args(argv)

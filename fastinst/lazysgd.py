@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from .optim import closure_loss
+
 
 def _step_matrix(lr: float, momentum: float, weight_decay: float) -> list:
     """A_t for a step with zero loss-gradient, acting on the row state s = [w; v]:
@@ -192,10 +194,7 @@ class LazySGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         self._check_hyper()
         group = self.param_groups[0]
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]

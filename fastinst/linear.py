@@ -1,4 +1,4 @@
-"""Linear probe on frozen backbone features, and the backbone export.
+"""Linear probe on frozen backbone features.
 
 ``linear_probe(cfg, checkpoint, out_dir)`` is what ``launch.py linear`` runs on every rank:
 the ImageNet linear-classification protocol as PIC's ``main_linear.py`` runs it (MoCo's
@@ -22,102 +22,36 @@ the ImageNet linear-classification protocol as PIC's ``main_linear.py`` runs it 
   (fastinst/checkpoint.py), ``linear.resume: auto|none|PATH``; ``metrics.jsonl`` gets
   ``linear_train`` records every ``linear.log_every`` steps and one ``linear_eval`` record
   per evaluated epoch.
-
-``export_backbone(checkpoint, out_file)`` writes the trunk as a plain torchvision ResNet
-state_dict (``launch.py export``).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import random
-import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import (CheckpointError, _atomic_write, find_latest_complete, load_checkpoint,
-                         save_checkpoint, saved_world_size)
+from .build import resolve_amp, resolve_resume
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, CropConfig, SamplerConfig, save_config, to_dict
-from .engine import resolve_amp, resolve_resume, unwrap
+from .export import export_backbone, load_pretrained, load_trunk, trunk_spec  # noqa: F401  (export_backbone: API)
+from .methods.base import unwrap
 from .metrics import Meter, MetricsLog
-from .optim import scaled_lr, sgd
-from .schedule import Clock, LRSchedule
-from .runtime import DistEnv, init_distributed, log0, rng_state, seed_process, set_rng_state
 from .model import EmbeddingNet, autocast_context, build_model
+from .optim import scaled_lr, sgd
+from .runtime import DistEnv, init_distributed, log0, rng_state, seed_process, set_rng_state
+from .schedule import Clock, LRSchedule
 
-__all__ = ["linear_probe", "export_backbone", "load_pretrained", "resolve_pretrained", "LinearProbe"]
-
-# Architecture keys a checkpoint's trunk depends on (the head is never used here).
-_TRUNK_KEYS = ("arch", "stem", "width")
-# A saved config from before a key existed: the value that key's absence meant.
-_TRUNK_DEFAULTS = {"width": 1.0}
-
-
-# --------------------------------------------------------------------------- pretrained weights
-
-
-def resolve_pretrained(path: str) -> str:
-    """A complete checkpoint directory from ``path``: a ckpt_* directory itself, or the newest
-    complete one in ``path`` or in ``path``/checkpoints (a run directory)."""
-    if os.path.isfile(os.path.join(path, "COMPLETE")):
-        return path
-    for d in (path, os.path.join(path, "checkpoints")):
-        found = find_latest_complete(d)
-        if found is not None:
-            return found
-    raise CheckpointError(f"no complete fastinst checkpoint at {path}: pass a ckpt_* directory with a "
-                          "COMPLETE marker, or a run directory holding checkpoints/")
-
-
-def load_pretrained(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict], int, str]:
-    """(model state, saved config dict or None, step, resolved path) of a fastinst checkpoint.
-    The model is the same on every rank (DDP), so rank 0's file serves any world size."""
-    path = resolve_pretrained(path)
-    payload = load_checkpoint(path, rank=0, world_size=saved_world_size(path), map_location="cpu")
-    if not isinstance(payload.get("model"), dict):
-        raise CheckpointError(f"checkpoint {path} has no 'model' state; is it a fastinst training checkpoint?")
-    return payload["model"], payload.get("config"), int(payload.get("step", -1)), path
-
-
-def _trunk_spec(cfg: Optional[Config], saved: Optional[dict], path: str) -> Dict[str, Any]:
-    """arch/stem/width of the trunk: the checkpoint's own config, checked against ``cfg.model``."""
-    saved_model = (saved or {}).get("model") or {}
-    spec = {}
-    for k in _TRUNK_KEYS:
-        mine = getattr(cfg.model, k) if cfg is not None else None
-        theirs = saved_model.get(k, _TRUNK_DEFAULTS.get(k) if saved_model else None)
-        if mine is not None and theirs is not None and mine != theirs:
-            raise ConfigError(f"config key 'model.{k}': checkpoint {path} was trained with model.{k}={theirs} "
-                              f"but the config says {mine}; pass model.{k}={theirs} (or the pretraining config)")
-        spec[k] = theirs if theirs is not None else mine
-        if spec[k] is None:
-            raise CheckpointError(f"checkpoint {path} saved no config; pass --config with its model.{k}")
-    return spec
-
-
-def load_trunk(model: EmbeddingNet, state: Dict[str, torch.Tensor], path: str) -> None:
-    """Copy the ``backbone.*`` entries of a saved EmbeddingNet state into ``model.backbone``."""
-    trunk = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    if not trunk:
-        raise CheckpointError(f"checkpoint {path}: model state has no 'backbone.*' weights")
-    try:
-        model.backbone.load_state_dict(trunk, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path}: trunk weights do not fit "
-                              f"model.arch/model.stem/model.width: {e}") from e
-
+__all__ = ["linear_probe", "export_backbone", "LinearProbe"]
 
 def build_frozen_backbone(cfg: Config, checkpoint: str, env: DistEnv) -> Tuple[EmbeddingNet, str, int]:
     """The pretrained EmbeddingNet on ``env.device``, frozen (eval mode, no gradients)."""
     state, saved, step, path = load_pretrained(checkpoint)
-    spec = _trunk_spec(cfg, saved, path)
+    spec = trunk_spec(cfg, saved, path)
     m = cfg.model
     model = build_model(spec["arch"], stem=spec["stem"], width=spec["width"], embed_dim=m.embed_dim,
                         head=m.head, hidden_dim=m.hidden_dim,
@@ -127,25 +61,6 @@ def build_frozen_backbone(cfg: Config, checkpoint: str, env: DistEnv) -> Tuple[E
     if m.compile:
         model.compile()
     return model, path, step
-
-
-# --------------------------------------------------------------------------- export
-
-
-def export_backbone(checkpoint: str, out_file: str, cfg: Optional[Config] = None) -> Dict[str, Any]:
-    """Write the trunk of ``checkpoint`` as a torchvision ResNet state_dict to ``out_file``
-    (atomically). ``torchvision.models.<arch>().load_state_dict(sd, strict=False)`` then
-    misses exactly fc.weight / fc.bias; a 'small' stem's conv1 is 3x3 (see fastinst/model.py)."""
-    state, saved, step, path = load_pretrained(checkpoint)
-    spec = _trunk_spec(cfg, saved, path)
-    model = EmbeddingNet(spec["arch"], stem=spec["stem"], width=spec["width"])
-    load_trunk(model, state, path)
-    sd = model.export_backbone_state_dict()
-    out_dir = os.path.dirname(os.path.abspath(out_file))
-    os.makedirs(out_dir, exist_ok=True)
-    _atomic_write(os.path.abspath(out_file), lambda f: torch.save(sd, f))
-    return {"file": out_file, "checkpoint": path, "step": step, **spec, "feature_dim": model.feature_dim,
-            "tensors": len(sd)}
 
 
 # --------------------------------------------------------------------------- set-up

@@ -198,17 +198,13 @@ class EmbeddingNet(nn.Module):
 def build_model(
     arch: str = "resnet50",
     *,
-    stem: str = "imagenet",
-    embed_dim: int = 128,
-    head: str = "linear",
-    hidden_dim: int = 2048,
-    zero_init_residual: bool = False,
-    width: float = 1.0,
     channels_last: bool = False,
     sync_bn: bool = False,
     compile: bool = False,
+    **net,
 ) -> EmbeddingNet:
-    """Build an `EmbeddingNet`; the order of conversions matters and is fixed here.
+    """Build an `EmbeddingNet` (``net``: its keyword arguments: stem, embed_dim, head,
+    hidden_dim, zero_init_residual, width); the order of conversions matters and is fixed here.
 
     sync_bn: BatchNorm -> SyncBatchNorm (statistics over all ranks; it falls back to
         plain batch norm when torch.distributed is not initialised, e.g. in tests).
@@ -219,8 +215,7 @@ def build_model(
         state_dict keys carry no ``_orig_mod.`` prefix (checkpoints stay interchangeable
         between compiled and eager runs).
     """
-    model = EmbeddingNet(arch, stem=stem, embed_dim=embed_dim, head=head, hidden_dim=hidden_dim,
-                         zero_init_residual=zero_init_residual, width=width)
+    model = EmbeddingNet(arch, **net)
     if sync_bn:
         # Returns the same top-level object (it is not a BN layer); children are swapped.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -16,6 +16,14 @@ from .schedule import LRSchedule
 __all__ = ["sgd", "adam", "LARS", "apex_larc_available", "scaled_lr", "OptimFactory"]
 
 
+def closure_loss(closure):
+    """torch.optim's ``step(closure)`` convention: the loss re-evaluated with gradients on."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def scaled_lr(lr: float, lr_batch: int, batch_size: int, world: int) -> float:
     """Linear scaling (Goyal et al. 2017): lr for the global batch from ``lr`` quoted at ``lr_batch``."""
     return lr * batch_size * world / lr_batch
@@ -171,10 +179,7 @@ class LARS(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             adapt, plain = self._split(group)
             d: List[torch.Tensor] = []

@@ -59,7 +59,7 @@ class NPIDConfig:
         check(0.0 <= self.z_ema < 1.0, "method.npid.z_ema", "must lie in [0, 1)")
 
 
-@register("npid")
+@register("npid", default=True)
 class NPID(Method):
     """NPID objective + sharded memory bank; trains ``encoder``. This module's state_dict is
     the bank and the loss state (Z, noise RNG)."""
