@@ -38,7 +38,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from fastinst import engine  # noqa: E402
+from fastinst import build, engine  # noqa: E402
 from fastinst.runtime import init_distributed  # noqa: E402
 from fastinst.config import load_config  # noqa: E402
 from fastinst.memory import ShardedMemoryBank  # noqa: E402
@@ -89,14 +89,14 @@ def synthetic_batches(cfg, n: int, device, count: int = 4) -> List[dict]:
 def time_case(name: str, cfg, n: int, env, steps: int, warmup: int, baseline: bool = False) -> Dict:
     """Median / mean wall time of ``steps`` training steps after ``warmup``."""
     if baseline:
-        method = EmbeddingMean(engine.build_encoder(cfg, env))
+        method = EmbeddingMean(build.build_encoder(cfg, env))
         method.wrap(lambda m: env.wrap_ddp(m.to(env.device)))
     else:
-        method = engine.build_method(cfg, env, n)
-    plan = engine.build_plan(cfg, env, method, steps_per_epoch=max(1, n // (cfg.loader.batch_size * env.world)))
+        method = build.build_method(cfg, env, n)
+    plan = build.build_plan(cfg, env, method, steps_per_epoch=max(1, n // (cfg.loader.batch_size * env.world)))
     stage = plan.stages[0]
     optimizers = {name: plan.optimizers[name] for name in stage.optimizers}  # at the base lr
-    amp = engine.resolve_amp(cfg, env.device)
+    amp = build.resolve_amp(cfg, env.device)
     scaler = make_grad_scaler(amp, env.device.type)
     batches = synthetic_batches(cfg, n, env.device)
     for m in method.trained_modules().values():

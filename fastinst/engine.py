@@ -27,8 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .build import (build_encoder, build_loaders, build_method, build_plan, loader_epoch_scale,  # noqa: F401
-                    resolve_amp, resolve_resume, train_schedule)
+from .build import build_loaders, build_method, build_plan, loader_epoch_scale, resolve_amp, resolve_resume
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, save_config, to_dict
 from .evaluation import EvalData, evaluate

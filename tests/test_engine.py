@@ -11,6 +11,7 @@ from fastinst import engine
 from fastinst.checkpoint import find_latest_complete, list_complete, load_checkpoint
 from fastinst.config import ConfigError, load_config
 from fastinst.methods.npid import NPID
+from fastinst.build import train_schedule
 from fastinst.optim import scaled_lr
 from fastinst.schedule import Clock
 from tests.distutil import run_on_ranks
@@ -201,12 +202,12 @@ def test_lr_schedule_warmup_step_cosine():
     t = cfg.train
     lr0 = scaled_lr(t.lr, t.lr_batch, cfg.loader.batch_size, world=8)  # global batch 512 -> 2x the quoted lr
     assert lr0 == pytest.approx(0.2)
-    sched = engine.train_schedule(cfg, lr0, 10, Clock(10, [t.epochs]))
+    sched = train_schedule(cfg, lr0, 10, Clock(10, [t.epochs]))
     lrs = [sched(s) for s in range(100)]
     assert lrs[0] == pytest.approx(0.02) and lrs[9] == pytest.approx(0.2)  # linear warm-up over epoch 0
     assert lrs[39] == pytest.approx(0.2) and lrs[40] == pytest.approx(0.02) and lrs[80] == pytest.approx(0.002)
     cos = load_config(None, ["train.epochs=10", "train.schedule=cosine", "train.milestones=[]"])
-    sched = engine.train_schedule(cos, 1.0, 10, Clock(10, [cos.train.epochs]))
+    sched = train_schedule(cos, 1.0, 10, Clock(10, [cos.train.epochs]))
     lrs = [sched(s) for s in range(101)]
     assert lrs[0] == 1.0 and lrs[50] == pytest.approx(0.5) and lrs[100] == pytest.approx(0.0)
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
