@@ -37,6 +37,10 @@ def _convert(value: Any, tp, key: str):
         check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
         return _build(tp, value, key)
     if origin is Literal:
+        if isinstance(value, bool) and all(isinstance(a, str) for a in args):
+            # YAML 1.1 reads off/on/no/yes as booleans: take the word back (model.amp=off)
+            value = next((a for a in args if a in (("on", "yes", "true") if value else ("off", "no", "false"))),
+                         value)
         check(value in args, key, f"must be one of {list(args)}, got {value!r}")
         return value
     if origin in (typing.Union, types.UnionType):

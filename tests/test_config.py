@@ -152,3 +152,13 @@ def test_frozen_and_roundtrip(tmp_path):
     save_config(cfg, str(tmp_path / "saved.yaml"))
     again = load_config(str(tmp_path / "saved.yaml"))
     assert to_dict(again) == to_dict(cfg) and again == cfg
+
+
+def test_yaml_booleans_read_back_as_the_words_they_were(tmp_path):
+    """YAML 1.1 reads `off` as false: a string option takes the word back (model.amp=off)."""
+    assert load_config(None, ["model.amp=off"]).model.amp == "off"
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  amp: off\n")
+    assert load_config(str(p)).model.amp == "off"
+    with pytest.raises(ConfigError, match=r"'model\.head': must be one of .*got True"):
+        load_config(None, ["model.head=yes"])  # no such word among the options: still an error
