@@ -107,13 +107,13 @@ def time_case(name: str, cfg, n: int, env, steps: int, warmup: int, baseline: bo
         method.before_step(i)
         sync(env.device)
         t0 = time.perf_counter()
-        out, loss = engine.train_step(method, optimizers, scaler, amp, env.device.type, batch, stage.step)
-        method.after_step(out)
+        out, loss, ok = engine.train_step(method, optimizers, scaler, amp, env.device.type, batch, stage.step)
+        method.after_step(out, ok)
         sync(env.device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-        if loss != loss or loss in (float("inf"), float("-inf")):
-            raise RuntimeError(f"{name}: non-finite loss {loss} at step {i}")
+        if not bool(ok):  # read after the timed interval
+            raise RuntimeError(f"{name}: non-finite loss {float(loss)} at step {i}")
     b = cfg.loader.batch_size
     med = statistics.median(times)
     res = {"name": name, "config": cfg.name, "method": "embedding-mean baseline" if baseline else cfg.method.name,
@@ -147,11 +147,34 @@ def time_bank_update(n: int, batch: int, device, steps: int, warmup: int) -> Dic
             sync(device)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
-        out[kernel] = {"ms_median": 1000 * statistics.median(times)}
+        ms = 1000 * statistics.median(times)
+        # Bytes the update must move: per batch row, the old bank row read and the new one
+        # written (storage dtype) and the fp32 feature read; index traffic is negligible.
+        moved = batch * 128 * (2 * bank.shard.element_size() + 4)
+        out[kernel] = {"ms_median": ms, "gb_per_s": moved / (ms / 1000) / 1e9}
         del bank
     print(f"  bank update ({n} rows, batch {batch}): "
           + ", ".join(f"{k} {v['ms_median']:.3f} ms" for k, v in out.items() if isinstance(v, dict)), flush=True)
     return out
+
+
+def copy_bandwidth(device, steps: int = 10) -> Dict:
+    """Device-to-device copy of a large buffer: GB/s counting bytes read and written, the
+    ceiling a memory-bound kernel is compared with (measured, not the datasheet)."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 26)  # bytes: 1 GiB on a GPU, 64 MiB on the CPU
+    src = torch.empty(n // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(steps + 2):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    gbs = 2 * n / statistics.median(times) / 1e9
+    print(f"  copy bandwidth: {gbs:.1f} GB/s (read + write, {n >> 20} MiB)", flush=True)
+    return {"bytes": n, "gb_per_s": gbs}
 
 
 def run(args) -> Dict:
@@ -181,11 +204,14 @@ def run(args) -> Dict:
             add(time_case(name + " (baseline)", load(name), args.num_samples, env, args.steps, args.warmup,
                           baseline=True))
         if name.startswith("pic") and args.pic_negatives:
-            add(time_case(f"{name} (K={args.pic_negatives})",
-                          load(name, [f"method.pic.negatives={args.pic_negatives}"]),
-                          args.num_samples, env, args.steps, args.warmup))
+            sampled = load(name, [f"method.pic.negatives={args.pic_negatives}"])
+            add(time_case(f"{name} (K={args.pic_negatives})", sampled, args.num_samples, env, args.steps, args.warmup))
+            if args.pic_large_n:
+                add(time_case(f"{name} (K={args.pic_negatives}, N={args.pic_large_n})", sampled, args.pic_large_n,
+                              env, args.steps, args.warmup))
     bank_batch = args.batch or load(args.configs[0]).loader.batch_size
     bank = time_bank_update(args.num_samples, bank_batch, env.device, args.steps * 5, args.warmup)
+    copy = copy_bandwidth(env.device)
 
     ratios = {}
     for name in args.configs:
@@ -197,11 +223,18 @@ def run(args) -> Dict:
         if sampled:
             ratios[f"{name}: full-softmax step / K={args.pic_negatives} step"] = (
                 by_name[name]["step_ms_median"] / sampled["step_ms_median"])
+        large = by_name.get(f"{name} (K={args.pic_negatives}, N={args.pic_large_n})")
+        if sampled and large:
+            ratios[f"{name}: K={args.pic_negatives} step at N={args.pic_large_n} / at N={args.num_samples}"] = (
+                large["step_ms_median"] / sampled["step_ms_median"])
+    for kernel in ("triton", "torch"):
+        if bank.get(kernel):
+            ratios[f"bank update ({kernel}): GB/s / copy GB/s"] = bank[kernel]["gb_per_s"] / copy["gb_per_s"]
     if bank.get("triton"):
         ratios["bank update: torch path / fused Triton kernel"] = bank["torch"]["ms_median"] / bank["triton"]["ms_median"]
     return {"device": device_name(env.device), "torch": torch.__version__,
             "command": " ".join(["python", "benchmarks/step_time.py"] + sys.argv[1:]),
-            "cases": cases, "bank_update": bank, "ratios": ratios}
+            "cases": cases, "bank_update": bank, "copy": copy, "ratios": ratios}
 
 
 def markdown(res: Dict) -> str:
@@ -214,8 +247,9 @@ def markdown(res: Dict) -> str:
                      f"{' + '.join(c['views'])} | {c['num_samples']} | {c['step_ms_median']:.2f} | {c['images_per_s']:.1f} |")
     b = res["bank_update"]
     lines += ["", f"Memory-bank update, {b['num_rows']} rows, batch {b['batch']}: "
-              + ", ".join(f"{k} {v['ms_median']:.3f} ms" if v else f"{k} not run (no CUDA)" for k, v in b.items()
-                          if k in ("triton", "torch")), "", "| ratio (same run) | value |", "|---|---|"]
+              + ", ".join(f"{k} {v['ms_median']:.3f} ms ({v['gb_per_s']:.1f} GB/s)" if v else f"{k} not run (no CUDA)"
+                          for k, v in b.items() if k in ("triton", "torch"))
+              + f"; device copy {res['copy']['gb_per_s']:.1f} GB/s", "", "| ratio (same run) | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" for k, v in res["ratios"].items()]
     return "\n".join(lines) + "\n"
 
@@ -226,6 +260,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="config names under configs/")
     ap.add_argument("--num-samples", type=int, default=IMAGENET_N, help="N: bank / classifier rows")
     ap.add_argument("--pic-negatives", type=int, default=65536, help="K for PIC's sampled case (0: skip it)")
+    ap.add_argument("--pic-large-n", type=int, default=10_000_000,
+                    help="also time PIC's sampled case at this N (0: skip it)")
     ap.add_argument("--batch", type=int, default=0, help="per-rank batch (0: each config's own)")
     ap.add_argument("--arch", default="", help="override model.arch (e.g. resnet18 for a CPU smoke run)")
     ap.add_argument("--max-size", type=int, default=0, help="clamp crop sizes (CPU smoke runs)")

@@ -6,18 +6,18 @@
   and wrapped in DDP here), its optimisers with their lr schedules, and its stages;
 - `Clock` (fastinst/schedule.py) knows the stages' lengths in loader epochs and decides when
   to evaluate (weighted kNN, fastinst/evaluation.py) and checkpoint;
-- the non-finite guard: a step whose loss is NaN/inf gets no backward and no optimiser step,
-  the BatchNorm statistics of the modules it trains are put back and the method's
-  ``on_skip`` undoes its forward (the bank and Z stay as they were); after
-  ``train.max_nonfinite`` in a row the run stops with `NonFiniteLossError` before writing
-  anything, so the last good checkpoint stays intact;
+- the non-finite guard, decided on the device with no host sync per step (fastinst/guard.py):
+  a step whose loss is NaN/inf steps no optimiser, the BatchNorm statistics of the modules it
+  trains are put back and the method's ``after_step(out, ok)`` leaves its state (bank, Z,
+  queue) as it was; the counts are read where the loop logs, evaluates or saves, and once
+  ``train.max_nonfinite`` in a row are seen the run stops with `NonFiniteLossError` before
+  writing anything, so the last good checkpoint stays intact;
 - checkpoints (fastinst/checkpoint.py, per-rank atomic files) hold every module and
   optimiser, the schedules' positions, the scaler, step, loader position, method state, RNG
   states and the resolved config; ``resume: auto|none|PATH``.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -31,6 +31,7 @@ from .build import build_loaders, build_method, build_plan, loader_epoch_scale, 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, save_config, to_dict
 from .evaluation import EvalData, evaluate
+from .guard import Guard, finite_and, gated_step, where_
 from .methods.base import Method, Stage, default_step, unwrap
 from .metrics import Meter, MetricsLog, expected, progress
 from .model import autocast_context, make_grad_scaler
@@ -61,9 +62,9 @@ class Trainer:
     source: Any
     evals: EvalData
     lr0: float
+    guard: Guard
     step: int = 0
-    nonfinite: int = 0  # consecutive non-finite steps
-    skipped: int = 0  # all non-finite steps of the run
+    reported_skips: int = 0  # non-finite steps already warned about
     opt_steps: Dict[str, int] = field(default_factory=dict)  # steps of the stages using each optimiser
     eval_s: Optional[float] = None  # wall seconds of the last kNN evaluation (for the run's ETA)
     eta_printed: bool = False
@@ -77,6 +78,16 @@ class Trainer:
         """The primary trained module (``encoder``, the one linear probes and exports read)."""
         nets = self.method.trained_modules()
         return nets.get("encoder", next(iter(nets.values())))
+
+    @property
+    def nonfinite(self) -> int:
+        """Consecutive non-finite steps up to now (a host sync)."""
+        return self.guard.read()["streak"]
+
+    @property
+    def skipped(self) -> int:
+        """Non-finite steps of the run (a host sync)."""
+        return self.guard.read()["total"]
 
     @property
     def epoch_scale(self) -> float:
@@ -104,7 +115,9 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.method.load_state_dict(state["method"])
         self.loader.load_state_dict(state["loader"])
-        self.step, self.nonfinite, self.skipped = int(state["step"]), int(state["nonfinite"]), int(state["skipped"])
+        self.step = int(state["step"])
+        self.guard.load(int(state["nonfinite"]), int(state["skipped"]))
+        self.reported_skips = int(state["skipped"])
         set_rng_state(state["rng"])
 
     def close_loaders(self) -> None:
@@ -112,6 +125,7 @@ class Trainer:
         self.evals.close()
 
     def save(self) -> str:
+        check_guard(self)  # never save after max_nonfinite in a row
         self.method.flush()  # lazily-updated method state (PIC's skipped rows) made current
         return save_checkpoint(self.ckpt_dir, self.step, self.state_dict(), rank=self.env.rank,
                                world_size=self.env.world, keep=self.cfg.train.keep)
@@ -129,7 +143,7 @@ def build_trainer(cfg: Config, out_dir: str, env: DistEnv) -> Trainer:
     return Trainer(cfg=cfg, env=env, out_dir=out_dir, method=method, optimizers=plan.optimizers,
                    schedules=plan.schedules, stages=plan.stages, clock=plan.clock,
                    scaler=make_grad_scaler(amp, env.device.type), amp=amp, loader=loader, source=source,
-                   evals=evals, lr0=plan.lr0, opt_steps={n: 0 for n in plan.optimizers})
+                   evals=evals, lr0=plan.lr0, guard=Guard(env.device), opt_steps={n: 0 for n in plan.optimizers})
 
 
 # --------------------------------------------------------------------------- the step
@@ -139,39 +153,38 @@ def train_step(method: Method, optimizers: Dict[str, torch.optim.Optimizer], sca
                batch: dict, step: Optional[Callable] = None):
     """One training step (also what benchmarks/step_time.py times): the stage's ``step`` (None:
     forward + one backward) under autocast; each ``backward(loss, names)`` it makes zeroes those
-    optimisers' gradients and, for a finite loss, back-propagates (through the grad scaler)
-    and steps them. Returns (out, loss as a float: NaN/inf when a backward was skipped)."""
-    seen: Dict[int, float] = {}
-    skipped = []
+    optimisers' gradients, back-propagates (through the grad scaler) and steps them where the
+    loss, and every earlier one of the step, is finite (`fastinst.guard.gated_step`: decided on
+    the device). Returns (out, the last loss detached, ok): ``ok`` a 0-dim bool tensor. Nothing
+    here reads a tensor on the host."""
+    oks: List[torch.Tensor] = []
 
-    def backward(loss: torch.Tensor, names=None) -> bool:
+    def backward(loss: torch.Tensor, names=None) -> torch.Tensor:
         opts = [optimizers[n] for n in (names or optimizers)]
-        value = float(loss.detach())  # host sync: the non-finite guard needs it every step
-        seen[id(loss)] = value
+        ok = finite_and(oks, loss)
+        oks.append(ok)
         for opt in opts:
             opt.zero_grad(set_to_none=True)
-        if skipped or not math.isfinite(value):
-            skipped.append(value)
-            return False
         with torch.autocast(device_type, enabled=False):
-            scaler.scale(loss).backward()
+            scaler.scale(loss).backward()  # a non-finite loss gives non-finite gradients: not applied
         for opt in opts:
-            scaler.step(opt)
+            gated_step(opt, ok, scaler)
         scaler.update()
-        return True
+        return ok
 
     with autocast_context(device_type, amp):
         out = (step or default_step)(method, batch, backward)
-    if skipped:
-        return out, next((v for v in skipped if not math.isfinite(v)), float("nan"))
     loss = out.get("loss")
-    return out, (seen[id(loss)] if id(loss) in seen else float(loss.detach()) if loss is not None else 0.0)
+    loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.zeros(())
+    ok = oks[-1] if oks else torch.isfinite(loss)
+    return out, loss, ok
 
 
 def _snapshot(tr: Trainer, stage: Stage) -> List[tuple]:
-    """(buffer, copy) of the float buffers (BatchNorm statistics) of the modules ``stage`` trains."""
+    """(buffers, copies) of the buffers (BatchNorm statistics and counts) of the modules ``stage`` trains."""
     nets = tr.method.trained_modules()
-    return [(b, b.clone()) for n in stage.trains for b in unwrap(nets[n]).buffers() if b.is_floating_point()]
+    bufs = [b for n in stage.trains for b in unwrap(nets[n]).buffers()]
+    return bufs, [b.clone() for b in bufs]
 
 
 def _enter(tr: Trainer, stage: Stage) -> None:
@@ -184,51 +197,56 @@ def _enter(tr: Trainer, stage: Stage) -> None:
             m.requires_grad_(True)
 
 
-def run_step(tr: Trainer, stage: Stage, batch: dict, epoch: int) -> float:
+def run_step(tr: Trainer, stage: Stage, batch: dict, epoch: int):
     """One step of ``stage``: each optimiser's lr from its schedule, the step, then the method's
-    state updates for a finite loss, or the non-finite guard."""
+    state updates; a non-finite step changes nothing but the guard's counts, all decided on the
+    device. Returns (loss, ok), both tensors: not read here."""
     for name in stage.optimizers:
         for g in tr.optimizers[name].param_groups:
             g["lr"] = tr.schedules[name](tr.opt_steps[name])
     tr.method.before_step(tr.step)
-    snap = _snapshot(tr, stage)
+    bufs, copies = _snapshot(tr, stage)
     opts = {n: tr.optimizers[n] for n in stage.optimizers}
-    out, loss = train_step(tr.method, opts, tr.scaler, tr.amp, tr.env.device.type, batch, stage.step)
-    if math.isfinite(loss):
-        tr.nonfinite = 0
-        tr.method.after_step(out)  # bank / queue / key-encoder updates
-    else:
-        for buf, copy in snap:
-            buf.copy_(copy)
-        tr.method.on_skip(out)
-        _skipped(tr, epoch)
+    out, loss, ok = train_step(tr.method, opts, tr.scaler, tr.amp, tr.env.device.type, batch, stage.step)
+    with torch.no_grad():
+        where_(bufs, ~ok, copies)  # BN statistics: the old ones back unless ok
+    tr.method.after_step(out, ok)  # bank / queue / key-encoder updates, gated on ok
+    tr.guard.record(ok)
     for name in stage.optimizers:
         tr.opt_steps[name] += 1
     tr.step += 1
-    return loss
+    return loss, ok
 
 
-def _skipped(tr: Trainer, epoch: int) -> None:
-    t = tr.cfg.train
-    tr.nonfinite, tr.skipped = tr.nonfinite + 1, tr.skipped + 1
-    log0(tr.env, f"warning: non-finite loss at step {tr.step} (epoch {epoch}); step skipped, bank unchanged "
-                 f"({tr.nonfinite} in a row, limit train.max_nonfinite={t.max_nonfinite})")
-    if tr.nonfinite >= t.max_nonfinite:
+def check_guard(tr: Trainer) -> None:
+    """Read the non-finite counts (one host sync): warn about new skipped steps, and stop once
+    ``train.max_nonfinite`` in a row were seen, before anything is written."""
+    t, g = tr.cfg.train, tr.guard.read()
+    if g["total"] > tr.reported_skips:
+        log0(tr.env, f"warning: {g['total'] - tr.reported_skips} non-finite loss(es) by step {tr.step}, skipped "
+                     f"(no weight, bank or BN update; {g['total']} in the run, longest streak {g['worst']}, "
+                     f"limit train.max_nonfinite={t.max_nonfinite} in a row)")
+        tr.reported_skips = g["total"]
+    if g["worst"] >= t.max_nonfinite:
         raise NonFiniteLossError(
-            f"{tr.nonfinite} consecutive non-finite losses (train.max_nonfinite={t.max_nonfinite}) at step "
+            f"{g['worst']} consecutive non-finite losses (train.max_nonfinite={t.max_nonfinite}) by step "
             f"{tr.step}; stopped without saving. The last complete checkpoint in {tr.ckpt_dir} is intact: "
             "lower train.lr, raise the method's temperature T or use model.amp=off, then resume")
+    tr.guard.reset_worst()
 
 
 # --------------------------------------------------------------------------- the loop
 
 
-def _log_step(tr: Trainer, log: MetricsLog, meter: Meter, stage: Stage, epoch: int, loss: float) -> None:
+def _log_step(tr: Trainer, log: MetricsLog, meter: Meter, stage: Stage, epoch: int, loss: torch.Tensor,
+              ok: torch.Tensor) -> None:
+    check_guard(tr)
+    loss = float(loss) if bool(ok) else float("nan")  # host sync: a logged value
     spe, batch = len(tr.loader), tr.loader.next_batch
     lrs = {n: tr.optimizers[n].param_groups[0]["lr"] for n in stage.optimizers}
     rec = {"kind": "train", "step": tr.step, "epoch": epoch + batch / spe, "stage": stage.name,
-           "loss": loss if math.isfinite(loss) else None, "lr": next(iter(lrs.values()), 0.0), "lrs": lrs,
-           **meter.read(), "skipped": tr.skipped}
+           "loss": loss if loss == loss else None, "lr": next(iter(lrs.values()), 0.0), "lrs": lrs,
+           **meter.read(), "skipped": tr.reported_skips}
     log.write(rec)
     steps_left, evals = max(tr.clock.total_steps - tr.step, 0), tr.clock.evals_left(epoch)
     line, left = progress(f"ep {epoch + 1}/{tr.loader_epochs}", tr.step, batch, spe, loss, rec,
@@ -265,15 +283,16 @@ def _train_loop(tr: Trainer, log: MetricsLog) -> None:
                 started = True
                 log0(tr.env, f"first batch after {meter.wait:.1f}s (loader start-up)")
                 meter.reset()
-            loss = run_step(tr, stage, batch, epoch)
-            meter.step(loss)
+            loss, ok = run_step(tr, stage, batch, epoch)
+            meter.step(loss, ok)
             if tr.step % tr.cfg.train.log_every == 0:
-                _log_step(tr, log, meter, stage, epoch, loss)
+                _log_step(tr, log, meter, stage, epoch, loss, ok)
             if clock.stops(tr.step):
                 break
             meter.waiting()
         done, due = clock.after_epoch(epoch, loader.next_batch, tr.step)
         with meter.paused():  # evaluation and checkpoint time is not training throughput
+            check_guard(tr)
             if due.evaluate:
                 _evaluate(tr, log, done)
             if due.save:

@@ -221,6 +221,13 @@ class LazySGD(torch.optim.Optimizer):
         self._tree.append(lr)  # after the update: rows touched now are already past step t
         return loss
 
+    def step_gated(self, ok: torch.Tensor) -> None:
+        """The step if the 0-dim bool ``ok`` holds, else nothing (not even the global step).
+        A host read of ``ok``: the closed-form catch-up keeps its per-step lr products on the
+        host, so whether a step happened must be known there (PIC's one sync per step)."""
+        if bool(ok):  # host sync
+            self.step()
+
     # ---- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict:
         sd = super().state_dict()

@@ -218,7 +218,6 @@ def _probe_loop(p: LinearProbe, log: MetricsLog) -> Dict[str, float]:
     while not clock.finished(loader.epoch, p.step):
         epoch = loader.epoch
         tsum = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss sum, correct@1, n (this epoch)
-        wloss = torch.zeros((), dtype=torch.float64, device=env.device)  # loss sum since the last log line
         meter.waiting()
         for batch in loader:
             meter.arrived()
@@ -234,11 +233,10 @@ def _probe_loop(p: LinearProbe, log: MetricsLog) -> Dict[str, float]:
             with torch.no_grad():
                 tsum += torch.stack([loss.detach() * len(y), logits.argmax(1).eq(y).sum(),
                                      y.new_tensor(len(y))]).double()
-                wloss += loss.detach()
-            p.step, meter.steps = p.step + 1, meter.steps + 1
+            meter.step(loss)
+            p.step += 1
             if p.step % lin.log_every == 0:
-                lval, meter.loss_sum = float(loss.detach()), float(wloss)  # host sync: logged steps only
-                wloss.zero_()
+                lval = float(loss.detach())  # host sync: logged steps only
                 rec = {"kind": "linear_train", "step": p.step, "epoch": epoch + loader.next_batch / spe,
                        "loss": lval, "lr": lr, **meter.read()}
                 log.write(rec)

@@ -11,6 +11,8 @@ the storage dtype: one Triton kernel on CUDA, a torch path elsewhere (`rows.mome
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .rows import ShardedRows, momentum_update_, shard_bounds  # noqa: F401  (shard_bounds: public API)
@@ -49,14 +51,14 @@ class ShardedMemoryBank(ShardedRows):
                 f"kernel={self.kernel}")
 
     @torch.no_grad()
-    def update(self, index: torch.Tensor, feats: torch.Tensor) -> None:
+    def update(self, index: torch.Tensor, feats: torch.Tensor, ok: Optional[torch.Tensor] = None) -> None:
         """v ← normalise(m·v + (1−m)·x) for this rank's rows among the global batch.
 
         index [B] and feats [B, D] are already all-gathered over ranks; repeated indices are
         averaged first. Call after loss.backward(): lemniscate also updates the memory inside
-        backward.
+        backward. ``ok`` (0-dim bool tensor): update only if it holds (no host sync).
         """
-        momentum_update_(self.shard, self.start, index, feats, self.momentum, self.kernel)
+        momentum_update_(self.shard, self.start, index, feats, self.momentum, self.kernel, ok)
         self.num_updates += 1
 
     @torch.no_grad()

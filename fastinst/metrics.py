@@ -14,6 +14,8 @@ import os
 import time
 from typing import Any, Dict, Optional
 
+import torch
+
 
 class Meter:
     """Images/s per rank and the fraction of wall time spent waiting for the loader."""
@@ -24,7 +26,8 @@ class Meter:
         self._waiting_since: Optional[float] = None
 
     def reset(self) -> None:
-        self.t0, self.wait, self.steps, self.loss_sum = time.perf_counter(), 0.0, 0, 0.0
+        self.t0, self.wait, self.steps, self.finite = time.perf_counter(), 0.0, 0, None
+        self.loss_sum = None  # device tensors, summed without a host read until `read`
 
     def waiting(self) -> None:
         """The loop asks the loader for the next batch now."""
@@ -36,9 +39,16 @@ class Meter:
         self.wait += dt
         return dt
 
-    def step(self, loss: float) -> None:
+    def step(self, loss: torch.Tensor, ok: Optional[torch.Tensor] = None) -> None:
+        """Count a step; its loss (a device tensor) is summed where ``ok`` (a 0-dim bool
+        tensor; None: finite), without a host read."""
         self.steps += 1
-        self.loss_sum += loss if loss == loss and abs(loss) != float("inf") else 0.0
+        loss = loss.detach().float()
+        n = torch.ones_like(loss, dtype=torch.long) if ok is None else ok.long()
+        if ok is not None:
+            loss = torch.where(ok, loss, 0.0)
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        self.finite = n if self.finite is None else self.finite + n
 
     @contextlib.contextmanager
     def paused(self):
@@ -51,8 +61,9 @@ class Meter:
 
     def read(self) -> Dict[str, float]:
         dt = max(time.perf_counter() - self.t0, 1e-9)
+        loss_sum, finite = (0.0, 0) if self.loss_sum is None else (float(self.loss_sum), int(self.finite))  # sync
         return {"images_per_s": self.steps * self.images_per_step / dt, "data_wait": self.wait / dt,
-                "loss_avg": self.loss_sum / max(self.steps, 1)}
+                "loss_avg": loss_sum / max(finite, 1)}
 
 
 class MetricsLog:

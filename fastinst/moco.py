@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dist as fdist
+from .guard import where_
 from .runtime import generator
 
 __all__ = ["momentum_update", "KeyQueue", "moco_loss", "batch_shuffle", "batch_unshuffle"]
@@ -32,7 +33,7 @@ __all__ = ["momentum_update", "KeyQueue", "moco_loss", "batch_shuffle", "batch_u
 
 # ---- momentum (key) encoder ----------------------------------------------------------------------
 @torch.no_grad()
-def momentum_update(online: nn.Module, target: nn.Module, m: float) -> None:
+def momentum_update(online: nn.Module, target: nn.Module, m: float, ok: Optional[torch.Tensor] = None) -> None:
     """target ← m·target + (1 − m)·online for every parameter (in place); buffers are copied.
 
     MoCo's ``_momentum_update_key_encoder`` uses this arithmetic form.  Buffers (BN running
@@ -52,13 +53,18 @@ def momentum_update(online: nn.Module, target: nn.Module, m: float) -> None:
     if tp:
         # One multi-tensor kernel per op instead of 2 launches per parameter (ResNet-50 has
         # ~160 parameter tensors); torch.optim uses the same _foreach ops internally.
-        torch._foreach_mul_(tp, m)
-        torch._foreach_add_(tp, op, alpha=1.0 - m)
+        if ok is None:
+            torch._foreach_mul_(tp, m)
+            torch._foreach_add_(tp, op, alpha=1.0 - m)
+        else:  # gated on the device: the target stays put unless ok
+            new = torch._foreach_mul(tp, m)
+            torch._foreach_add_(new, op, alpha=1.0 - m)
+            where_(tp, ok, new)
     src_b, dst_b = list(online.buffers()), list(target.buffers())
     if len(src_b) != len(dst_b):
         raise ValueError("momentum_update: online and target modules have different buffers")
-    for t, s in zip(dst_b, src_b):
-        t.copy_(s)
+    for t, s in zip(dst_b, src_b):  # also on a skipped step: the engine has put the online
+        t.copy_(s)  # encoder's back, which undoes the key encoder's own forward
 
 
 # ---- the key queue -------------------------------------------------------------------------------
@@ -93,7 +99,7 @@ class KeyQueue(nn.Module):
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device))  # []
 
     @torch.no_grad()
-    def enqueue(self, keys_global: torch.Tensor) -> None:
+    def enqueue(self, keys_global: torch.Tensor, ok: Optional[torch.Tensor] = None) -> None:
         """Replace the oldest global-batch block by ``keys_global`` [global_batch, D]: the keys of
         *every* rank, in rank order (``fastinst.dist.all_gather_no_grad(k)``)."""
         if keys_global.shape != (self.global_batch, self.dim):
@@ -104,8 +110,13 @@ class KeyQueue(nn.Module):
         # Row indices computed on the device from the pointer buffer: no .item() host sync.
         step = torch.arange(self.global_batch, device=self.ptr.device)  # [B]
         rows = (self.ptr + step) % self.size  # [B]
-        self.queue.index_copy_(0, rows, keys_global.detach().to(self.queue.dtype))  # [K, D]
-        self.ptr.copy_((self.ptr + self.global_batch) % self.size)
+        keys = keys_global.detach().to(self.queue.dtype)  # [B, D]
+        if ok is None:
+            self.queue.index_copy_(0, rows, keys)  # [K, D]
+            self.ptr.copy_((self.ptr + self.global_batch) % self.size)
+        else:  # gated on the device: the old rows and pointer unless ok
+            self.queue.index_copy_(0, rows, torch.where(ok, keys, self.queue.index_select(0, rows)))
+            self.ptr.copy_(torch.where(ok, (self.ptr + self.global_batch) % self.size, self.ptr))
 
 
 def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor,

@@ -1,4 +1,4 @@
-"""Optimisers: torch SGD (fused on CUDA, foreach elsewhere), LARS (SimCLR's; apex's LARC when
+"""Optimisers: torch SGD (fused where torch has the kernel, else foreach), LARS (SimCLR's; apex's LARC when
 it imports), Adam, the linear lr scaling rule, and `OptimFactory`, what a method builds its
 optimisers with (the engine's default: ``train.optimizer`` over the given parameters, with
 the ``train.*`` lr schedule).
@@ -11,6 +11,7 @@ from typing import Iterable, List, Optional, Tuple
 import torch
 from torch.optim import Optimizer
 
+from .guard import where_
 from .schedule import LRSchedule
 
 __all__ = ["sgd", "adam", "LARS", "apex_larc_available", "scaled_lr", "OptimFactory"]
@@ -29,17 +30,29 @@ def scaled_lr(lr: float, lr_batch: int, batch_size: int, world: int) -> float:
     return lr * batch_size * world / lr_batch
 
 
-def sgd(params, lr: float, momentum: float, weight_decay: float, cuda: bool) -> torch.optim.SGD:
-    """torch SGD with the fused kernel on CUDA and the foreach one elsewhere."""
-    fast = {"fused": True} if cuda else {"foreach": True}
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **fast)
+def _fused_or_foreach(make):
+    """``make(fused=True)``: torch's fused kernel (CUDA; CPU from torch 2.4), which can skip a
+    non-finite step on the device (fastinst/guard.py); where this torch or device has none,
+    the foreach kernel (whose skip needs a host read)."""
+    try:
+        return make(fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return make(foreach=True)
+
+
+def sgd(params, lr: float, momentum: float, weight_decay: float, cuda: bool = False) -> torch.optim.SGD:
+    """torch SGD, fused where available (`_fused_or_foreach`)."""
+    params = list(params)
+    return _fused_or_foreach(lambda **k: torch.optim.SGD(params, lr=lr, momentum=momentum,
+                                                         weight_decay=weight_decay, **k))
 
 
 def adam(params, lr: float, betas: Tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
          cuda: bool = False) -> torch.optim.Adam:
-    """torch Adam with the fused kernel on CUDA and the foreach one elsewhere."""
-    fast = {"fused": True} if cuda else {"foreach": True}
-    return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay, **fast)
+    """torch Adam, fused where available (`_fused_or_foreach`)."""
+    params = list(params)
+    return _fused_or_foreach(lambda **k: torch.optim.Adam(params, lr=lr, betas=betas,
+                                                          weight_decay=weight_decay, **k))
 
 
 @dataclass(frozen=True)
@@ -180,6 +193,15 @@ class LARS(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure_loss(closure)
+        self._step(None)
+        return loss
+
+    @torch.no_grad()
+    def step_gated(self, ok: torch.Tensor) -> None:
+        """The step where the 0-dim bool ``ok`` holds, else no change (no host sync)."""
+        self._step(ok)
+
+    def _step(self, ok: Optional[torch.Tensor]) -> None:
         for group in self.param_groups:
             adapt, plain = self._split(group)
             d: List[torch.Tensor] = []
@@ -198,8 +220,15 @@ class LARS(Optimizer):
                         # Zero start: μ·0 + d = d exactly, torch SGD's first-step buffer.
                         st["momentum_buffer"] = torch.zeros_like(p)
                     bufs.append(st["momentum_buffer"])
-                torch._foreach_mul_(bufs, group["momentum"])
-                torch._foreach_add_(bufs, d)
+                if ok is None:
+                    torch._foreach_mul_(bufs, group["momentum"])
+                    torch._foreach_add_(bufs, d)
+                else:  # the new buffers only where ok (d is NaN on a non-finite step)
+                    new = torch._foreach_mul(bufs, group["momentum"])
+                    torch._foreach_add_(new, d)
+                    where_(bufs, ok, new)
                 d = bufs
-            torch._foreach_add_(params, d, alpha=-group["lr"])
-        return loss
+            if ok is None:
+                torch._foreach_add_(params, d, alpha=-group["lr"])
+            else:
+                where_(params, ok, torch._foreach_add(params, d, alpha=-group["lr"]))

@@ -186,12 +186,15 @@ def use_triton(table: torch.Tensor, kernel: str) -> bool:
 
 @torch.no_grad()
 def momentum_update_(table: torch.Tensor, start: int, index: torch.Tensor, feats: torch.Tensor,
-                     momentum: float, kernel: str = "auto") -> None:
+                     momentum: float, kernel: str = "auto", ok: Optional[torch.Tensor] = None) -> None:
     """table[i − start] ← normalise(m·table[i − start] + (1 − m)·x) for the rows i of the global
     batch ``index`` [B] that this shard owns, in place (fp32 arithmetic whatever the storage
     dtype). Repeated indices (several views of one image) are averaged first, so the result
-    does not depend on write order (lemniscate's index_copy_ keeps an arbitrary one)."""
+    does not depend on write order (lemniscate's index_copy_ keeps an arbitrary one). With
+    ``ok`` (0-dim bool tensor) nothing changes unless it holds."""
     rows, mean = average_duplicates(index.to(table.device), feats.detach().to(table.device))  # [B], [B, D]
+    if ok is not None:  # a gated update: every row −1 (no-op) unless ok, decided on the device
+        rows = torch.where(ok, rows, -1)
     if use_triton(table, kernel):
         triton_momentum_update(table, rows, mean, start, momentum)
     else:

@@ -65,8 +65,8 @@ def _step(tr, batch, lr: float):
     tr.method.before_step(0)
     stage = tr.stages[0]
     opts = {n: tr.optimizers[n] for n in stage.optimizers}
-    _, loss = engine.train_step(tr.method, opts, tr.scaler, tr.amp, tr.env.device.type, batch, stage.step)
-    assert loss == loss, "non-finite loss in the descent check"
+    _, loss, ok = engine.train_step(tr.method, opts, tr.scaler, tr.amp, tr.env.device.type, batch, stage.step)
+    assert bool(ok) and bool(torch.isfinite(loss)), "non-finite loss in the descent check"
     g = torch.cat([(p.grad.to_dense() if p.grad is not None else torch.zeros_like(p)).flatten().double()
                    for p in trained_params(tr)])
     delta = torch.cat([(b - p.detach()).flatten().double() for b, p in zip(before, trained_params(tr))])

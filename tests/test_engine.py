@@ -95,9 +95,9 @@ def test_resume_reproduces_uninterrupted_run(colours, tmp_path):
 
 def _nan_at(monkeypatch, bad_calls):
     """Make NPID.forward return a NaN loss on the given (0-based) calls; record, per step, which
-    hook the engine called (after_step: applied, on_skip: not) and whether the bank and Z moved."""
+    flag the engine passed to after_step (ok: applied) and whether the bank and Z moved."""
     calls, seen = {"n": 0}, []
-    forward, after, skip = NPID.forward, NPID.after_step, NPID.on_skip
+    forward, after = NPID.forward, NPID.after_step
 
     def fwd(self, batch):
         self.z_at_forward = None if self.criterion.nce is None else self.criterion.nce.z.clone()
@@ -107,16 +107,16 @@ def _nan_at(monkeypatch, bad_calls):
         calls["n"] += 1
         return out
 
-    def record(self, out, hook, applied):
+    def record(self, out, ok):
         before = self.bank.shard.clone()
-        hook(self, out)
+        after(self, out, ok)
+        applied = bool(ok)
         changed = not torch.equal(before, self.bank.shard)
         z_same = self.z_at_forward is None or torch.equal(self.z_at_forward, self.criterion.nce.z)
         seen.append((math.isfinite(float(out["loss"].detach())), applied, changed, z_same))
 
     monkeypatch.setattr(NPID, "forward", fwd)
-    monkeypatch.setattr(NPID, "after_step", lambda self, out: record(self, out, after, True))
-    monkeypatch.setattr(NPID, "on_skip", lambda self, out: record(self, out, skip, False))
+    monkeypatch.setattr(NPID, "after_step", record)
     return seen
 
 

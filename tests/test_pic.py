@@ -347,7 +347,7 @@ def train_recent(rank, world, k):
         out = method({"index": index[mine], "views": [xb[mine], xs[mine]]})
         out["loss"].backward()
         step_both(opt_b, opt_c, lr)
-        method.after_step(out)  # the engine calls it for finite steps
+        method.after_step(out, torch.tensor(True))  # the engine's flag: a finite step
         records.append((out["loss"].detach().clone(), used, method.recent.clone()))
     method.flush()
     return records, method.classifier.gather_full()

@@ -100,8 +100,7 @@ def test_two_encoders_checkpointed_and_bn_restored_on_a_skipped_step(colours, tm
     monkeypatch.setattr(TwoEncoders, "forward", nan_at_2)
     out = str(tmp_path / "run")
     tr = engine.train(tiny_cfg(colours, "method.name=toy2enc"), out)
-    assert tr.method.bn_events == [("after_step", False), ("after_step", False), ("on_skip", True),
-                                   ("after_step", False)]
+    assert tr.method.bn_events == [(True, False), (True, False), (False, True), (True, False)]
     assert tr.skipped == 1 and [r["loss"] is None for r in records(out)] == [False, False, True, False]
     saved = modules_at(out)["modules"]
     assert set(saved) == {"encoder", "other"}

@@ -3,7 +3,7 @@
 - ``TwoEncoders``: two trained encoders (like CMC's L and ab trunks), each embedding its own
   view; NT-Xent between the two embeddings over the global batch. Records, for the
   non-finite guard's test, both encoders' BatchNorm statistics before each step and at
-  ``on_skip`` / ``after_step``.
+  ``after_step(out, ok)``.
 - ``TwoStages``: stage 1 trains the encoder with ``train.*``'s SGD; stage 2 freezes it and
   trains a head with Adam on its own cosine schedule (like ISL's GAN stage).
 
@@ -54,15 +54,10 @@ class TwoEncoders(Method):
         za, zb = self.nets["encoder"](x1), self.nets["other"](x2)  # [B, D] each
         return {"loss": nt_xent([za, zb], self.T)}
 
-    def _record(self, hook: str) -> None:
+    def after_step(self, out: dict, ok: torch.Tensor) -> None:
+        """Records (ok, BN statistics equal to the ones before the step); host reads: a test."""
         now = self._bn()
-        self.bn_events.append((hook, all(torch.equal(a, b) for a, b in zip(now, self.bn_before))))
-
-    def after_step(self, out: dict) -> None:
-        self._record("after_step")
-
-    def on_skip(self, out: dict) -> None:
-        self._record("on_skip")
+        self.bn_events.append((bool(ok), all(torch.equal(a, b) for a, b in zip(now, self.bn_before))))
 
 
 @dataclass(frozen=True, kw_only=True)

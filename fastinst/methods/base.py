@@ -11,8 +11,11 @@
   passes over the data, the modules it trains (the others are frozen: eval mode, no
   gradients), the optimisers it steps and its own step. The default is one stage that trains
   everything with ``forward`` + one backward (`default_step`).
-- per step: ``before_step(step)``, then the stage's step, then ``after_step(out)`` for a
-  finite loss (bank, queue and key-encoder updates) or ``on_skip(out)`` for a non-finite one;
+- per step: ``before_step(step)``, then the stage's step, then ``after_step(out, ok)`` (bank,
+  queue and key-encoder updates). ``ok`` is a 0-dim bool tensor on the device: the step's
+  losses were finite. Every update must be gated on it on the device (``torch.where``,
+  `fastinst.guard.where_`, row index −1), never read on the host: the engine does not sync
+  per step (fastinst/guard.py);
 - outside the step: ``flush()`` before a checkpoint or an evaluation reads lazily-updated
   state, ``train_features()`` / ``knn_embed()`` for kNN, ``check_config(cfg)`` at config load.
 
@@ -50,8 +53,10 @@ class BuildContext:
 @dataclass(frozen=True)
 class Stage:
     """One stage of a run. ``step(batch, backward) -> out`` runs a training step and calls
-    ``backward(loss, optimizer_names=None)`` for each loss to apply (the engine scales, checks
-    and applies it, and steps those optimisers, by default all of the stage's); None: the
+    ``backward(loss, optimizer_names=None)`` for each loss to apply (the engine scales and
+    applies it, and steps those optimisers, by default all of the stage's, where the loss and
+    every earlier one of the step are finite; it returns that flag as a 0-dim bool tensor,
+    to gate on, not to read on the host); None: the
     default step. Modules the stage does not train must be called under torch.no_grad()."""
 
     name: str
@@ -61,7 +66,7 @@ class Stage:
     step: Optional[Callable] = None
 
 
-Backward = Callable[..., bool]
+Backward = Callable[..., torch.Tensor]  # backward(loss, names=None) -> ok (0-dim bool)
 
 
 class Method(nn.Module):
@@ -109,11 +114,10 @@ class Method(nn.Module):
     def before_step(self, step: int) -> None:
         """Called before the step with the global step (per-step seeds)."""
 
-    def after_step(self, out: dict) -> None:
-        """``@torch.no_grad`` state updates after the optimisers stepped a finite loss."""
-
-    def on_skip(self, out: dict) -> None:
-        """A non-finite loss: undo what the forward changed in the method's state."""
+    def after_step(self, out: dict, ok: torch.Tensor) -> None:
+        """``@torch.no_grad`` state updates after the optimisers' (gated) steps, applied only
+        where the 0-dim bool tensor ``ok`` holds; where it does not, leave the method's state
+        (including what the forward changed) as it was before the step."""
 
     # ---- evaluation and state ------------------------------------------------------------------
     def flush(self) -> None:

@@ -99,10 +99,10 @@ class MoCo(Method):
         return {"loss": loss, "keys": k}
 
     @torch.no_grad()
-    def after_step(self, out: dict) -> None:
-        """Momentum update of the key encoder and enqueue of this step's keys (finite steps only)."""
-        momentum_update(unwrap(self.nets["encoder"]), self.key_encoder, self.m)
-        self.queue.enqueue(fdist.all_gather_no_grad(out["keys"]))  # [B_global, D]
+    def after_step(self, out: dict, ok: torch.Tensor) -> None:
+        """Momentum update of the key encoder and enqueue of this step's keys, where ``ok``."""
+        momentum_update(unwrap(self.nets["encoder"]), self.key_encoder, self.m, ok)
+        self.queue.enqueue(fdist.all_gather_no_grad(out["keys"]), ok)  # [B_global, D]
 
     def extra_repr(self) -> str:
         return f"K={self.queue.size}, m={self.m}, T={self.T}, shuffle_bn={self.shuffle_bn}"

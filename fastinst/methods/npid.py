@@ -105,15 +105,13 @@ class NPID(Method):
         return {"loss": out.loss, "feats": out.feats, "index": out.index}
 
     @torch.no_grad()
-    def after_step(self, out: dict) -> None:
-        """Momentum update of the owned bank rows (finite steps only)."""
-        self.bank.update(out["index"], out["feats"])  # [B_global], [B_global, D]
-
-    @torch.no_grad()
-    def on_skip(self, out: dict) -> None:
-        """A non-finite loss: the bank is left alone and Z is put back."""
+    def after_step(self, out: dict, ok: torch.Tensor) -> None:
+        """Momentum update of the owned bank rows; on a non-finite step no row moves and Z
+        (updated inside the loss) is put back."""
+        self.bank.update(out["index"], out["feats"], ok)  # [B_global], [B_global, D]
         if self._z_before is not None:
-            self.criterion.nce.z.copy_(self._z_before)
+            z = self.criterion.nce.z
+            z.copy_(torch.where(ok, z, self._z_before))
 
     # ---- evaluation ----------------------------------------------------------------------
     @torch.no_grad()

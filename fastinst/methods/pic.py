@@ -144,13 +144,13 @@ class PIC(Method):
         return {"loss": loss / (nl + ns), "index": index}
 
     @torch.no_grad()
-    def after_step(self, out: dict) -> None:
-        if self.num_negatives > 0 and self.sampling == "recent":
+    def after_step(self, out: dict, ok: torch.Tensor) -> None:
+        if self.num_negatives > 0 and self.sampling == "recent":  # this step's rows, where ok
             idx = fdist.all_gather_no_grad(out["index"])[-self.num_negatives:]  # [B_global'] newest last
             k = self.recent.shape[0]
             rows = (self.recent_ptr + torch.arange(idx.shape[0], device=idx.device)) % k  # [B']
-            self.recent.index_copy_(0, rows, idx)
-            self.recent_ptr.copy_((self.recent_ptr + idx.shape[0]) % k)
+            self.recent.index_copy_(0, rows, torch.where(ok, idx, self.recent.index_select(0, rows)))
+            self.recent_ptr.copy_(torch.where(ok, (self.recent_ptr + idx.shape[0]) % k, self.recent_ptr))
 
     @torch.no_grad()
     def flush(self) -> None:
