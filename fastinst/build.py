@@ -41,6 +41,8 @@ def build_encoder(cfg: Config, env: DistEnv, name: str = "encoder", **overrides)
     sync_bn = m.sync_bn and env.world > 1
     if sync_bn and env.device.type != "cuda":
         raise ConfigError("config key 'model.sync_bn': SyncBatchNorm needs CUDA; set model.sync_bn=false on CPU")
+    if env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = m.cudnn_benchmark
     torch.manual_seed(cfg.seed if name == "encoder" else derive_seed(cfg.seed, "encoder", name))
     kw = dict(stem=m.stem, embed_dim=m.embed_dim, head=m.head, hidden_dim=m.hidden_dim,
               zero_init_residual=m.zero_init_residual, width=m.width,

@@ -198,7 +198,10 @@ class ModelConfig:
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     # BatchNorm statistics over all ranks (needs CUDA with more than one rank).
     sync_bn: bool = False
+    # nn.Module.compile() (inductor); benchmarks/gpu measures the step with it on and off.
     compile: bool = False
+    # cuDNN autotuning: each new input shape is timed once against the candidate kernels.
+    cudnn_benchmark: bool = True
 
     def __post_init__(self):
         check(self.embed_dim >= 1, "model.embed_dim", "must be >= 1 (NPID uses 128)")
