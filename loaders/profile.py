@@ -9,6 +9,8 @@ Stages are also timed in isolation where they can be separated:
 * ``full``: the whole pipeline (decode once + every view + normalise + hand-off as tensors).
 
 The difference between ``decode`` and ``full`` time per image is the augmentation cost.
+The doctor (loaders/doctor.py) turns these into the bound stage, the CPU busy share, the
+loader's GPU memory and a one-line recommendation, and draws ``profile.png``.
 """
 from __future__ import annotations
 
@@ -25,18 +27,21 @@ from fastinst.config import save_config, to_dict
 from fastinst.runtime import DistEnv
 
 from . import build_loader, build_source
+from .doctor import CpuBusy, bar_chart, diagnose, format_doctor, gpu_used_bytes, transfer_rate, view_bytes
 from .sources import log
 
 
 def _time_loader(loader, warmup: int, batches: int) -> dict:
-    """Images/s over ``batches`` batches after ``warmup`` ones (epochs chained as needed)."""
-    seen, t0, n_img, n_batches = 0, None, 0, 0
+    """Images/s over ``batches`` batches after ``warmup`` ones (epochs chained as needed), and
+    the share of CPU time busy meanwhile."""
+    seen, t0, n_img, n_batches, busy = 0, None, 0, 0, CpuBusy()
     while n_batches < batches:
         for batch in loader:
             if seen == warmup:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()  # host sync: timing boundary only
                 t0 = time.perf_counter()
+                busy.start()
             seen += 1
             if seen > warmup:
                 n_img += len(batch["index"])
@@ -46,7 +51,7 @@ def _time_loader(loader, warmup: int, batches: int) -> dict:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    return {"images": n_img, "seconds": dt, "images_per_s": n_img / dt}
+    return {"images": n_img, "seconds": dt, "images_per_s": n_img / dt, "cpu_busy": busy.stop()}
 
 
 def _time_read(source, n: int) -> float:
@@ -71,16 +76,22 @@ def run_profile(cfg, out_dir: str, env: Optional[DistEnv] = None) -> dict:
     read_rate = _time_read(source, 2000) if pc.stages else None
     for backend in pc.backends:
         row = {"backend": backend}
+        mem0 = gpu_used_bytes()
         loader = build_loader(cfg, cfg.data.train_split, mode="train", env=env, source=source, backend=backend)
         try:
             timing = _time_loader(loader, pc.warmup_batches, pc.batches)
+            mem1 = gpu_used_bytes()
         finally:
             info = _loader_info(loader)
             loader.close()
             del loader
         row.update(info)
         row.update(images_per_s=timing["images_per_s"], views_per_s=timing["images_per_s"] * cfg.aug.num_views,
-                   images=timing["images"], seconds=timing["seconds"])
+                   images=timing["images"], seconds=timing["seconds"], cpu_busy=timing["cpu_busy"],
+                   gpu_mem_mib=None if mem0 is None else (mem1 - mem0) / 2**20)
+        if info["device"] == "cpu":  # views cross to the GPU: uint8 from torch, normalised floats from DALI
+            row["transfer_images_per_s"] = transfer_rate(view_bytes(cfg, uint8=backend == "torch"),
+                                                         cfg.loader.batch_size)
         if pc.stages:
             dec = build_loader(cfg, cfg.data.train_split, mode="decode", env=env, source=source, backend=backend)
             try:
@@ -100,6 +111,8 @@ def run_profile(cfg, out_dir: str, env: Optional[DistEnv] = None) -> dict:
         log(f"profile: {backend}: {row['images_per_s']:.1f} images/s")
         results.append(row)
     report = {"results": results, "host": _host_info(), "config": to_dict(cfg), "dataset_images": len(source)}
+    report["doctor"] = diagnose(report)
+    report["chart"] = bar_chart(report["doctor"], os.path.join(out_dir, "profile.png"))
     by = {r["backend"]: r for r in results}
     if "dali" in by and "torch" in by:
         report["speedup_dali_over_torch"] = by["dali"]["images_per_s"] / by["torch"]["images_per_s"]
@@ -107,6 +120,7 @@ def run_profile(cfg, out_dir: str, env: Optional[DistEnv] = None) -> dict:
         json.dump(report, f, indent=2)
     os.replace(os.path.join(out_dir, "profile.json.tmp"), os.path.join(out_dir, "profile.json"))
     print(format_table(report))
+    print(format_doctor(report["doctor"]))
     return report
 
 
