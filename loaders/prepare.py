@@ -107,25 +107,45 @@ def _find_idx(src: str, stem: str) -> str:
                             "dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
 
 
-def fmnist_to_zip(out_dir: str, src: str = FMNIST_DIR, limit_train: int = 0, limit_val: int = 0,
-                  quality: int = 95) -> dict:
+def _jpeg_gray(args) -> bytes:
+    """JPEG bytes of one grey image (a pool worker's job: module level so it pickles)."""
     from PIL import Image
 
+    arr, quality = args
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="L").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def fmnist_to_zip(out_dir: str, src: str = FMNIST_DIR, limit_train: int = 0, limit_val: int = 0,
+                  quality: int = 95, workers: int = 1) -> dict:
+    """Fashion-MNIST's IDX files as JPEGs in the zip layout (train = the 60k training images,
+    val = the 10k test images); ``workers`` processes encode in parallel, in order."""
     counts = {}
-    for split, prefix, limit in (("train", "train", limit_train), ("val", "t10k", limit_val)):
-        images = read_idx(_find_idx(src, f"{prefix}-images-idx3-ubyte"))  # (N, 28, 28) uint8
-        labels = read_idx(_find_idx(src, f"{prefix}-labels-idx1-ubyte"))  # (N,) uint8
-        if limit:
-            images, labels = images[:limit], labels[:limit]
+    pool = None
+    if workers > 1:
+        import multiprocessing as mp
 
-        def items(images=images, labels=labels):
-            for i in range(len(images)):
-                buf = io.BytesIO()
-                Image.fromarray(images[i], mode="L").save(buf, format="JPEG", quality=quality)
-                y = int(labels[i])
-                yield f"{FMNIST_CLASSES[y]}/{i:05d}.jpg", buf.getvalue(), y
+        pool = mp.get_context("spawn").Pool(workers)
+    try:
+        for split, prefix, limit in (("train", "train", limit_train), ("val", "t10k", limit_val)):
+            images = read_idx(_find_idx(src, f"{prefix}-images-idx3-ubyte"))  # (N, 28, 28) uint8
+            labels = read_idx(_find_idx(src, f"{prefix}-labels-idx1-ubyte"))  # (N,) uint8
+            if limit:
+                images, labels = images[:limit], labels[:limit]
+            jobs = ((images[i], quality) for i in range(len(images)))
+            encoded = pool.imap(_jpeg_gray, jobs, chunksize=256) if pool else map(_jpeg_gray, jobs)
 
-        counts[split] = write_zip_layout(out_dir, split, items(), total=len(images))
+            def items(encoded=encoded, labels=labels):
+                for i, data in enumerate(encoded):
+                    y = int(labels[i])
+                    yield f"{FMNIST_CLASSES[y]}/{i:05d}.jpg", data, y
+
+            counts[split] = write_zip_layout(out_dir, split, items(), total=len(images))
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     with open(os.path.join(out_dir, "classes.txt"), "w") as f:
         f.write("\n".join(FMNIST_CLASSES) + "\n")
     return counts
