@@ -93,6 +93,9 @@ class AugConfig:
     blur_p: float = 0.5
     blur_sigma: Tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.0
+    # rgb, or CMC's lab / ycbcr (loaders/colour.py): converted after crop and flip, normalised
+    # with CMC's constants (aug.mean / aug.std apply to rgb only).
+    colorspace: Literal["rgb", "lab", "ycbcr"] = "rgb"
     mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
     # Eval transform (kNN feature recompute, linear-probe val): resize shorter side, centre crop.

@@ -18,11 +18,13 @@ import torch
 
 from fastinst.runtime import derive_seed
 
+from . import colour
 from .base import LoaderBase, default_threads
 from .sources import DataError, Source, log
 
 try:  # DALI is optional at import time so the torch backend works without it
     import nvidia.dali.fn as fn
+    import nvidia.dali.math as dmath
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
     from nvidia.dali.plugin.pytorch import feed_ndarray
@@ -104,10 +106,33 @@ def eval_view(images, aug, *, out_dtype, layout: str):
                       crop=(aug.eval_crop, aug.eval_crop))
 
 
+def _lab_f(t):
+    return dmath.cbrt(t) * (t > 0.008856) + (7.787 * t + 16.0 / 116.0) * (t <= 0.008856)
+
+
+def to_lab(v):
+    """uint8 HWC sRGB -> float HWC L*a*b* (D65) from DALI arithmetic (DALI has no Lab type):
+    linearise, XYZ over the white point, f(t), then L, a, b (the formulas of loaders/colour.py)."""
+    c = fn.cast(v, dtype=types.FLOAT) / 255.0
+    lin = dmath.pow((c + 0.055) / 1.055, 2.4) * (c > 0.04045) + (c / 12.92) * (c <= 0.04045)
+    r, g, b = lin[:, :, 0], lin[:, :, 1], lin[:, :, 2]
+    fx, fy, fz = (_lab_f((m[0] * r + m[1] * g + m[2] * b) / w) for m, w in zip(colour.SRGB_TO_XYZ, colour.D65))
+    return fn.stack(116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz), axis=2)
+
+
+def to_colourspace(v, colorspace: str):
+    if colorspace == "ycbcr":  # DALI's YCbCr is BT.601 studio range, like skimage's rgb2ycbcr
+        return fn.color_space_conversion(v, image_type=types.RGB, output_type=types.YCbCr)
+    if colorspace == "lab":
+        return to_lab(v)
+    return v
+
+
 def _normalise(v, aug, *, out_dtype, layout, mirror, crop=None):
     kw = {"crop": crop} if crop else {}
-    return fn.crop_mirror_normalize(v, mirror=mirror, dtype=out_dtype, output_layout=layout,
-                                    mean=[m * 255.0 for m in aug.mean], std=[s * 255.0 for s in aug.std], **kw)
+    mean, std = colour.normalisation(aug)
+    return fn.crop_mirror_normalize(to_colourspace(v, aug.colorspace), mirror=mirror, dtype=out_dtype,
+                                    output_layout=layout, mean=list(mean), std=list(std), **kw)
 
 
 # --------------------------------------------------------------------------- sample feed

@@ -18,6 +18,7 @@ import torch.utils.data as tud
 
 from fastinst.runtime import derive_seed
 
+from . import colour
 from .base import LoaderBase, default_threads
 from .sources import DataError, PIL_decode_check, Source
 
@@ -62,15 +63,19 @@ class MultiViewDataset(tud.Dataset):
             self.transforms = []
         else:
             self.transforms = [eval_transform(aug)]
-        self.mean = torch.tensor(aug.mean).view(3, 1, 1) * 255.0
-        self.std = torch.tensor(aug.std).view(3, 1, 1) * 255.0
+        mean, std = colour.normalisation(aug)
+        self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+        self.colorspace = aug.colorspace
         self.epoch = 0
 
     def __len__(self):
         return len(self.source)
 
     def _to_tensor(self, img) -> torch.Tensor:  # (3, H, W) float, or uint8 when raw
-        arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (H, W, 3)
+        arr = np.asarray(img, dtype=np.uint8)  # (H, W, 3) RGB
+        if self.colorspace != "rgb":
+            arr = colour.convert(arr, self.colorspace)  # float32 (H, W, 3)
+        arr = torch.from_numpy(arr.copy())
         if self.raw:
             return arr.permute(2, 0, 1)
         t = arr.permute(2, 0, 1).float().sub_(self.mean).div_(self.std)
@@ -141,9 +146,9 @@ class TorchLoader(LoaderBase):
         self.to_gpu = use_cuda
         # On a GPU: uint8 views into pinned memory, copied asynchronously, normalised there.
         self.dataset = MultiViewDataset(source, aug, mode, seed, channels_last, fp16, on_error,
-                                        raw=use_cuda)  # rank-free: same views at any world size
+                                        raw=use_cuda and aug.colorspace == "rgb")  # rank-free: same views at any world size
         self.fp16 = fp16
-        if use_cuda:
+        if self.dataset.raw:
             self._mean = self.dataset.mean.view(1, 3, 1, 1).cuda()
             self._std = self.dataset.std.view(1, 3, 1, 1).cuda()
         self._dl_kwargs = dict(batch_sampler=_PlanSampler(self), num_workers=self.num_workers,
@@ -173,7 +178,9 @@ class TorchLoader(LoaderBase):
             if len(batch["index"]) != len(expected):
                 self._record_skips(expected, batch["index"].numpy())
             if self.to_gpu:
-                batch["views"] = [self._normalise(v.cuda(non_blocking=True)) for v in batch["views"]]
+                batch["views"] = [v.cuda(non_blocking=True) for v in batch["views"]]
+                if self.dataset.raw:
+                    batch["views"] = [self._normalise(v) for v in batch["views"]]
             yield batch
 
     def _normalise(self, v: torch.Tensor) -> torch.Tensor:
