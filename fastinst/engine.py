@@ -104,7 +104,8 @@ class Trainer:
         return {"modules": nets, "model": nets[primary], "optimizers": opts, "optimizer": next(iter(opts.values())),
                 "opt_steps": dict(self.opt_steps), "scaler": self.scaler.state_dict(), "step": self.step,
                 "nonfinite": self.nonfinite, "skipped": self.skipped, "loader": self.loader.state_dict(),
-                "method": self.method.state_dict(), "rng": rng_state(), "config": to_dict(self.cfg)}
+                "method": self.method.state_dict(), "rng": rng_state(), "config": to_dict(self.cfg),
+                "probe_trunks": [[n, None if c is None else list(c)] for n, c in self.method.probe_trunks()]}
 
     def load_state_dict(self, state: dict) -> None:
         for n, m in self.method.trained_modules().items():

@@ -8,15 +8,17 @@ trunk as a plain torchvision ResNet state_dict (``launch.py export``).
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from torch import nn
 
 from .checkpoint import CheckpointError, _atomic_write, find_latest_complete, load_checkpoint, saved_world_size
 from .config import Config, ConfigError
 from .model import EmbeddingNet
 
-__all__ = ["resolve_pretrained", "load_pretrained", "trunk_spec", "load_trunk", "export_backbone"]
+__all__ = ["resolve_pretrained", "load_pretrained", "load_trunks", "trunk_spec", "load_trunk", "export_backbone",
+           "FrozenTrunks"]
 
 # Architecture keys a checkpoint's trunk depends on (the head is never used here).
 _TRUNK_KEYS = ("arch", "stem", "width")
@@ -50,6 +52,40 @@ def load_pretrained(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict],
     return payload["model"], payload.get("config"), int(payload.get("step", -1)), path
 
 
+def load_trunks(path: str) -> Tuple[List[Tuple[str, Dict[str, torch.Tensor], Optional[Tuple[int, int]]]],
+                                     Optional[dict], int, str]:
+    """([(module name, state, input-channel slice or None)], saved config, step, path): the
+    trunks the method named in ``probe_trunks`` (one for most methods; CMC's L and ab), from
+    the checkpoint's per-module states; a checkpoint without the list: its primary module."""
+    path = resolve_pretrained(path)
+    payload = load_checkpoint(path, rank=0, world_size=saved_world_size(path), map_location="cpu")
+    named = payload.get("probe_trunks")
+    if not named:
+        state, saved, step, path = load_pretrained(path)
+        return [("encoder", state, None)], saved, step, path
+    trunks = []
+    for name, channels in named:
+        if name not in (payload.get("modules") or {}):
+            raise CheckpointError(f"checkpoint {path}: probe trunk {name!r} is not among its modules "
+                                  f"{sorted(payload.get('modules') or {})}")
+        trunks.append((name, payload["modules"][name], None if channels is None else tuple(channels)))
+    return trunks, payload.get("config"), int(payload.get("step", -1)), path
+
+
+class FrozenTrunks(nn.Module):
+    """Trunks side by side, each on its slice of the input channels: ``backbone_features`` is
+    their pooled features concatenated (CMC's probe reads L's and ab's; one trunk: its own)."""
+
+    def __init__(self, nets: List[EmbeddingNet], channels: List[Optional[Tuple[int, int]]]):
+        super().__init__()
+        self.nets, self.channels = nn.ModuleList(nets), list(channels)
+        self.feature_dim = sum(n.feature_dim for n in nets)
+
+    def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([n.backbone_features(x if c is None else x[:, c[0]:c[1]])
+                          for n, c in zip(self.nets, self.channels)], 1)  # [B, sum of feature_dim]
+
+
 def trunk_spec(cfg: Optional[Config], saved: Optional[dict], path: str) -> Dict[str, Any]:
     """arch/stem/width of the trunk: the checkpoint's own config, checked against ``cfg.model``."""
     saved_model = (saved or {}).get("model") or {}
@@ -81,16 +117,27 @@ def load_trunk(model: EmbeddingNet, state: Dict[str, torch.Tensor], path: str) -
 def export_backbone(checkpoint: str, out_file: str, cfg: Optional[Config] = None) -> Dict[str, Any]:
     """Write the trunk of ``checkpoint`` as a torchvision ResNet state_dict to ``out_file``
     (atomically). ``torchvision.models.<arch>().load_state_dict(sd, strict=False)`` then
-    misses exactly fc.weight / fc.bias; a 'small' stem's conv1 is 3x3 (see fastinst/model.py)."""
-    state, saved, step, path = load_pretrained(checkpoint)
+    misses exactly fc.weight / fc.bias; a 'small' stem's conv1 is 3x3 (see fastinst/model.py).
+    Several trunks (CMC): one file each, ``<out_file stem>.<name><suffix>``; their conv1 takes
+    1 or 2 channels, so torchvision's ResNet needs ``conv1`` replaced by
+    ``nn.Conv2d(C, 64, 7, 2, 3, bias=False)`` first (C = the trunk's ``in_channels``)."""
+    trunks, saved, step, path = load_trunks(checkpoint)
     spec = trunk_spec(cfg, saved, path)
-    model = EmbeddingNet(spec["arch"], stem=spec["stem"], width=spec["width"])
-    load_trunk(model, state, path)
-    sd = model.export_backbone_state_dict()
-    out_dir = os.path.dirname(os.path.abspath(out_file))
-    os.makedirs(out_dir, exist_ok=True)
-    _atomic_write(os.path.abspath(out_file), lambda f: torch.save(sd, f))
-    return {"file": out_file, "checkpoint": path, "step": step, **spec, "feature_dim": model.feature_dim,
-            "tensors": len(sd)}
+    files = []
+    for name, state, channels in trunks:
+        c = 3 if channels is None else channels[1] - channels[0]
+        model = EmbeddingNet(spec["arch"], stem=spec["stem"], width=spec["width"], in_channels=c)
+        load_trunk(model, state, path)
+        sd = model.export_backbone_state_dict()
+        stem, ext = os.path.splitext(os.path.abspath(out_file))
+        target = os.path.abspath(out_file) if len(trunks) == 1 else f"{stem}.{name}{ext or '.pth'}"
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        _atomic_write(target, lambda f, sd=sd: torch.save(sd, f))
+        files.append({"name": name, "file": target, "in_channels": c, "feature_dim": model.feature_dim,
+                      "tensors": len(sd)})
+    one = files[0]
+    return {"file": one["file"] if len(files) == 1 else [f["file"] for f in files], "checkpoint": path,
+            "step": step, **spec, "feature_dim": sum(f["feature_dim"] for f in files),
+            "tensors": sum(f["tensors"] for f in files), "trunks": files}
 
 

@@ -38,25 +38,30 @@ from torch import nn
 from .build import resolve_amp, resolve_resume
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, CropConfig, SamplerConfig, save_config, to_dict
-from .export import export_backbone, load_pretrained, load_trunk, trunk_spec  # noqa: F401  (export_backbone: API)
+from .export import FrozenTrunks, export_backbone, load_pretrained, load_trunk, load_trunks, trunk_spec  # noqa: F401
 from .methods.base import unwrap
 from .metrics import Meter, MetricsLog
-from .model import EmbeddingNet, autocast_context, build_model
+from .model import autocast_context, build_model
 from .optim import scaled_lr, sgd
 from .runtime import DistEnv, init_distributed, log0, rng_state, seed_process, set_rng_state
 from .schedule import Clock, LRSchedule
 
 __all__ = ["linear_probe", "export_backbone", "LinearProbe"]
 
-def build_frozen_backbone(cfg: Config, checkpoint: str, env: DistEnv) -> Tuple[EmbeddingNet, str, int]:
-    """The pretrained EmbeddingNet on ``env.device``, frozen (eval mode, no gradients)."""
-    state, saved, step, path = load_pretrained(checkpoint)
+def build_frozen_backbone(cfg: Config, checkpoint: str, env: DistEnv) -> Tuple[nn.Module, str, int]:
+    """The pretrained trunk(s) the method's ``probe_trunks`` named (CMC: L and ab, whose pooled
+    features are concatenated) on ``env.device``, frozen (eval mode, no gradients)."""
+    trunks, saved, step, path = load_trunks(checkpoint)
     spec = trunk_spec(cfg, saved, path)
     m = cfg.model
-    model = build_model(spec["arch"], stem=spec["stem"], width=spec["width"], embed_dim=m.embed_dim,
-                        head=m.head, hidden_dim=m.hidden_dim,
-                        channels_last=m.channels_last and env.device.type == "cuda")
-    load_trunk(model, state, path)
+    nets = []
+    for _, state, channels in trunks:
+        net = build_model(spec["arch"], stem=spec["stem"], width=spec["width"], embed_dim=m.embed_dim,
+                          head=m.head, hidden_dim=m.hidden_dim, in_channels=3 if channels is None else
+                          channels[1] - channels[0], channels_last=m.channels_last and env.device.type == "cuda")
+        load_trunk(net, state, path)
+        nets.append(net)
+    model = nets[0] if len(nets) == 1 and trunks[0][2] is None else FrozenTrunks(nets, [c for _, _, c in trunks])
     model = model.to(env.device).eval().requires_grad_(False)
     if m.compile:
         model.compile()
@@ -100,7 +105,7 @@ class LinearProbe:
     cfg: Config
     env: DistEnv
     out_dir: str
-    backbone: EmbeddingNet  # frozen
+    backbone: nn.Module  # frozen: an EmbeddingNet, or FrozenTrunks (several trunks)
     head: nn.Module  # nn.Linear, DDP-wrapped when world > 1
     optimizer: torch.optim.Optimizer
     amp: str

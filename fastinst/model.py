@@ -83,10 +83,12 @@ def _scaled_stages(trunk: torchvision.models.ResNet, width: float, zero_init_res
 
 
 def _build_trunk(arch: str, stem: str, zero_init_residual: bool = False,
-                 width: float = 1.0) -> Tuple[nn.Module, int]:
+                 width: float = 1.0, in_channels: int = 3) -> Tuple[nn.Module, int]:
     """torchvision ResNet with ``fc`` replaced by Identity, and its pooled feature width.
     zero_init_residual: the last BN gamma of each residual block starts at 0 (bl0/PIC).
-    width: stage widths int(64 * width) * {1, 2, 4, 8}; 1 is the stock torchvision trunk."""
+    width: stage widths int(64 * width) * {1, 2, 4, 8}; 1 is the stock torchvision trunk (the
+    stem keeps 64 channels, as CMC's resnet50v1/v2/v3).
+    in_channels: input channels of conv1 (CMC: 1 for L / Y, 2 for ab / CbCr)."""
     if arch not in ARCHS:
         raise ValueError(f"model.arch={arch!r} is not supported; choose one of {sorted(ARCHS)}")
     if stem not in STEMS:
@@ -99,6 +101,13 @@ def _build_trunk(arch: str, stem: str, zero_init_residual: bool = False,
         # max-pool, so 28-96 px inputs are not downsampled 4x before layer1.
         trunk.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         trunk.maxpool = nn.Identity()
+    if in_channels != 3:
+        if in_channels < 1:
+            raise ValueError(f"in_channels={in_channels} must be >= 1")
+        c = trunk.conv1
+        trunk.conv1 = nn.Conv2d(in_channels, c.out_channels, kernel_size=c.kernel_size, stride=c.stride,
+                                padding=c.padding, bias=False)
+        nn.init.kaiming_normal_(trunk.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
     if width != 1.0:
         _scaled_stages(trunk, width, zero_init_residual)
     # Identity keeps the torchvision module names (conv1, layer1..4, ...) and has no
@@ -145,6 +154,7 @@ class EmbeddingNet(nn.Module):
         hidden_dim: int = 2048,
         zero_init_residual: bool = False,
         width: float = 1.0,
+        in_channels: int = 3,
     ) -> None:
         super().__init__()
         if embed_dim <= 0 or hidden_dim <= 0:
@@ -154,8 +164,9 @@ class EmbeddingNet(nn.Module):
         self.arch = arch
         self.stem = stem
         self.width = width
+        self.in_channels = in_channels
         self.embed_dim = embed_dim
-        self.backbone, self.feature_dim = _build_trunk(arch, stem, zero_init_residual, width)
+        self.backbone, self.feature_dim = _build_trunk(arch, stem, zero_init_residual, width, in_channels)
         self.head = _build_head(head, self.feature_dim, embed_dim, hidden_dim)
         # Set by build_model(channels_last=True): inputs are converted on entry so that a
         # caller handing NCHW-contiguous images does not silently fall back to slow kernels.

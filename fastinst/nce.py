@@ -240,9 +240,19 @@ class NPIDLoss(torch.nn.Module):
     def set_extra_state(self, state: dict) -> None:
         self._gen, self._pending_rng = None, state.get("rng")
 
-    def forward(self, feats: torch.Tensor, index: torch.Tensor,
-                bank: ShardedMemoryBank) -> NPIDLossOutput:
-        """feats [B_local, D] (L2-normalised, requires grad), index [B_local] → global loss."""
+    def draw_noise(self, global_batch: int, device) -> Optional[torch.Tensor]:
+        """This step's noise rows ([K] shared or [B_global, K]; None for the full softmax), the
+        same on every rank. A loss over two banks (CMC) draws once and passes them to both."""
+        if self.k == 0:
+            return None
+        shape = (self.k,) if self.shared else (global_batch, self.k)
+        return sample_noise(self.num_rows, shape, self._generator(torch.device(device)), device)
+
+    def forward(self, feats: torch.Tensor, index: torch.Tensor, bank: ShardedMemoryBank,
+                noise: Optional[torch.Tensor] = None) -> NPIDLossOutput:
+        """feats [B_local, D] (L2-normalised, requires grad), index [B_local] → global loss.
+        The positives are rows ``index`` of ``bank``; ``noise``: rows drawn by `draw_noise`
+        (None: drawn here)."""
         device = bank.shard.device
         feats_g = fdist.all_gather_with_grad(feats.float())  # [B, D]
         index_g = fdist.all_gather_no_grad(index.to(device))  # [B]
@@ -251,8 +261,8 @@ class NPIDLoss(torch.nn.Module):
             if self.k == 0:
                 loss = full_softmax_loss(bank, feats_g, index_g, self.temperature)
             else:
-                shape = (self.k,) if self.shared else (index_g.shape[0], self.k)
-                noise = sample_noise(self.num_rows, shape, self._generator(device), device)
+                if noise is None:
+                    noise = self.draw_noise(index_g.shape[0], device)
                 dots = sampled_dots(bank, feats_g, index_g, noise)  # [B, 1+K]
                 loss = self.nce(dots) if self.nce is not None \
                     else softmax_ce(dots, self.temperature)

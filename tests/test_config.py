@@ -75,6 +75,22 @@ RECIPES = {
                         "sampler.kind": "sliding_window", "sampler.window": 512, "sampler.stride": 128,
                         "sampler.reshuffle": True, "train.epochs": 50, "loader.batch_size": 32,
                         "model.head": "mlp_nobn"},
+    # HobbitLong/CMC train_CMC.py + LinearProbing.py: two trunks, K 4096 shared by both directions, T 0.07,
+    # m 0.5, lr 0.03, 240 epochs x0.1 at 120/160/200; crop (0.08, 1) + flip only; probe lr 30, x0.2 at 30/40/50.
+    **{f"cmc_imagenet_{v}_{space}.yaml": {
+        **_IMAGENET_EVAL, "method.name": "cmc", "model.arch": "resnet50", "model.width": width,
+        "aug.colorspace": space, "aug.crops": [(1, 224, (0.08, 1.0))], "aug.jitter_p": 0.0, "aug.grey_p": 0.0,
+        "aug.blur_p": 0.0, "method.cmc.K": 4096, "method.cmc.T": 0.07, "method.cmc.momentum": 0.5,
+        "method.cmc.loss": "nce", "method.cmc.negatives": "per_sample", "train.lr": 0.03, "train.lr_batch": 256,
+        "train.epochs": 240, "train.schedule": "step", "train.milestones": (120, 160, 200), "train.gamma": 0.1,
+        "train.weight_decay": 1e-4, "train.momentum": 0.9, "linear.epochs": 60, "linear.lr": 30.0,
+        "linear.milestones": (30, 40, 50), "linear.gamma": 0.2, "linear.schedule": "step"}
+       for v, space, width in (("r50v1", "lab", 0.5), ("r50v2", "ycbcr", 1.0))},
+    # The CMC demo on real colour photographs (README 'Methods' table).
+    "cmc_photos.yaml": {"method.name": "cmc", "aug.colorspace": "lab", "model.arch": "resnet18", "model.width": 0.25,
+                        "aug.crops": [(1, 64, (0.08, 1.0))], "data.path": "data/photos", "method.cmc.K": 0,
+                        "method.cmc.loss": "softmax", "method.cmc.T": 0.1, "train.epochs": 12,
+                        "loader.batch_size": 32, "eval.at_start": True},
     # The README's main job: sized to finish in minutes on 2 cores (README 'Set-up').
     "npid_fmnist.yaml": {**_FMNIST, "aug.crops": [(1, 28, (0.3, 1.0))], "data.path": "data/fmnist_10k",
                          "method.name": "npid", "method.npid.K": 0, "method.npid.loss": "softmax",

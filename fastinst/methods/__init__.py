@@ -1,7 +1,7 @@
 """Method registry: each self-supervised method is one small module registered by name, with
 its config dataclass (``cls.Config``, the ``method.<name>`` section of a config file).
 
-Registered: npid (NPID / InstDisc), pic (PIC), moco (MoCo v2), simclr (SimCLR). Adding a
+Registered: npid (NPID / InstDisc), pic (PIC), moco (MoCo v2), simclr (SimCLR), cmc (CMC). Adding a
 method is a new module here (or anywhere that calls `register`) plus one line in
 `_import_all`. The protocol is fastinst/methods/base.py; the engine never branches on a
 method's name (DESIGN.md, "one registry of methods").
@@ -33,7 +33,7 @@ def register(name: str, *, default: bool = False):
 
 
 def _import_all() -> None:
-    from . import npid, pic, moco, simclr  # noqa: F401  (each registers itself)
+    from . import npid, pic, moco, simclr, cmc  # noqa: F401  (each registers itself)
 
 
 def available() -> list:

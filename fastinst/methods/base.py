@@ -128,6 +128,12 @@ class Method(nn.Module):
         kNN without a recompute pass, or None (the engine then recomputes)."""
         return None
 
+    def probe_trunks(self) -> List[Tuple[str, Optional[Tuple[int, int]]]]:
+        """The trunks a linear probe reads, in order, each with the slice of input channels it
+        takes (None: all): the probe's features are their pooled features concatenated."""
+        name = "encoder" if "encoder" in self.nets else next(iter(self.nets))
+        return [(name, None)]
+
     def knn_embed(self, x: torch.Tensor) -> torch.Tensor:
         """The embedding kNN evaluation uses: the encoder's (outside DDP)."""
         return unwrap(self.nets["encoder"])(x)
