@@ -40,7 +40,7 @@ def _cmd_prepare(args) -> int:
     elif args.what == "imagenet":
         if not args.src:
             raise SystemExit("prepare imagenet needs --src (a folder with train/<synset>/ and val/<synset>/)")
-        prepare.imagenet_to_zip(args.src, args.out)
+        prepare.imagenet_to_zip(args.src, args.out, classes=args.classes)
     elif args.what == "photos":
         prepare.photo_crops(args.out, n=args.n, src=args.src or prepare.PHOTO_DIR, seed=args.seed, val=args.val,
                             folder=args.folder)
@@ -150,6 +150,8 @@ def main(argv=None) -> int:
     pp.add_argument("--val", type=int, default=0, help="photos: number of val images")
     pp.add_argument("--seed", type=int, default=0)
     pp.add_argument("--folder", action="store_true", help="photos: write the ImageNet folder layout instead")
+    pp.add_argument("--classes", default="", help="imagenet: a class-list file (synsets, one per line): keep only those "
+                    "classes, relabelled 0..C-1 in sorted order (ImageNet-100)")
     pp.set_defaults(func=_cmd_prepare)
 
     def command(name: str, func, help: str, **args):

@@ -53,6 +53,9 @@ class DataConfig:
     on_error: Literal["raise", "skip"] = "raise"
     # 0 = infer from the labels of the train split; otherwise labels must lie in [0, n).
     num_classes: int = 0
+    # A file listing class names (synsets), one per line: keep only those classes, relabelled
+    # 0..C-1 in sorted order (ImageNet-100); a sample's class is the first directory of its path.
+    classes: str = ""
 
     def __post_init__(self):
         check(bool(self.path), "data.path", "must name a dataset directory")

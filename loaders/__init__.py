@@ -16,7 +16,8 @@ from .sources import DataError, Source, open_source  # noqa: F401  (public API)
 def build_source(cfg, split: str, env: DistEnv) -> Source:
     from .cache import CachedSource
 
-    src = open_source(cfg.data.path, split, on_error=cfg.data.on_error, num_classes=cfg.data.num_classes)
+    src = open_source(cfg.data.path, split, on_error=cfg.data.on_error, num_classes=cfg.data.num_classes,
+                      classes=cfg.data.classes)
     if cfg.data.cache != "none":
         src = CachedSource(src, cfg.data.cache, rank=env.rank, world=env.world,
                            local_rank=env.local_rank, cache_dir=cfg.data.cache_dir)

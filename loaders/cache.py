@@ -36,7 +36,8 @@ def cache_key(source: Source, mode: str, rank: int, world: int) -> str:
     ident = getattr(source, "zip_path", None) or getattr(source, "root", "")
     st = os.stat(ident)
     run = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("MASTER_PORT") or f"pid{os.getppid()}"
-    raw = f"{os.path.abspath(ident)}|{st.st_size}|{st.st_mtime_ns}|{len(source)}|{mode}|{run}"
+    subset = getattr(source, "subset_tag", "")  # data.classes: another subset, another cache
+    raw = f"{os.path.abspath(ident)}|{subset}|{st.st_size}|{st.st_mtime_ns}|{len(source)}|{mode}|{run}"
     if mode == "part":
         raw += f"|{rank}/{world}"
     return hashlib.sha1(raw.encode()).hexdigest()[:16]

@@ -58,8 +58,10 @@ def write_zip_layout(out_dir: str, split: str, items: Iterable[Tuple[str, bytes,
 # --------------------------------------------------------------------------- ImageNet tree
 
 
-def imagenet_to_zip(src: str, out_dir: str, splits=("train", "val")) -> dict:
-    from .sources import DataError, FolderSource
+def imagenet_to_zip(src: str, out_dir: str, splits=("train", "val"), classes: str = "") -> dict:
+    """An ImageNet folder tree in PIC's zip layout; ``classes``: a class-list file (data.classes)
+    keeping only those synsets, relabelled 0..C-1 in sorted order (ImageNet-100)."""
+    from .sources import DataError, FolderSource, SubsetSource, read_class_list
 
     counts = {}
     for split in splits:
@@ -67,11 +69,12 @@ def imagenet_to_zip(src: str, out_dir: str, splits=("train", "val")) -> dict:
         if not os.path.isdir(root):
             raise DataError(f"{root}: not found; expected an ImageNet folder tree with {split}/<synset>/<images>")
         fs = FolderSource(root)
+        if classes:
+            fs = SubsetSource(fs, read_class_list(classes), classes)
 
         def items(fs=fs):
             for i, rel in enumerate(fs.names):
-                with open(os.path.join(fs.root, rel), "rb") as f:
-                    yield rel.replace(os.sep, "/"), f.read(), int(fs.labels[i])
+                yield rel.replace(os.sep, "/"), bytes(fs.read(i)), int(fs.labels[i])
 
         counts[split] = write_zip_layout(out_dir, split, items(), total=len(fs))
     with open(os.path.join(out_dir, "classes.txt"), "w") as f:

@@ -307,6 +307,62 @@ class FolderSource(Source):
         return os.path.join(self.root, self.names[i])
 
 
+# --------------------------------------------------------------------------- class subsets
+
+
+def read_class_list(path: str) -> List[str]:
+    """Class names (ImageNet synsets), one per line (blank lines and '#' comments ignored)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: class list not found (config key data.classes)")
+    with open(path, encoding="utf-8") as f:
+        names = [ln.split("#")[0].strip() for ln in f]
+    names = [n for n in names if n]
+    if not names:
+        raise DataError(f"{path}: class list is empty (config key data.classes)")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise DataError(f"{path}: classes listed twice: {dup[:5]} (config key data.classes)")
+    return names
+
+
+def class_of(name: str) -> str:
+    """A sample's class: the first directory of its path (``<synset>/<file>`` in both layouts)."""
+    parts = name.replace(os.sep, "/").split("/", 1)
+    return parts[0] if len(parts) == 2 else ""
+
+
+class SubsetSource(Source):
+    """The samples of ``base`` whose class (`class_of`) is in the list, relabelled 0..C-1 in
+    sorted class order (what an ImageFolder over the subset would give: CMC's ImageNet-100)."""
+
+    def __init__(self, base: Source, classes: Sequence[str], list_path: str = "data.classes"):
+        present = {class_of(n) for n in base.names}
+        missing = sorted(set(classes) - present)
+        if missing:
+            raise DataError(f"{list_path}: {len(missing)} listed class(es) have no samples in {base.origin}: "
+                            f"{missing[:5]} (samples are <class>/<file>; config key data.classes)")
+        order = {c: i for i, c in enumerate(sorted(classes))}
+        self.base = base
+        self.index = np.array([i for i, n in enumerate(base.names) if class_of(n) in order], dtype=np.int64)
+        self.names = [base.names[i] for i in self.index]
+        self.labels = np.array([order[class_of(n)] for n in self.names], dtype=np.int64)
+        self.classes = sorted(classes)
+        self.origin = base.origin
+        for attr in ("zip_path", "root"):  # what the RAM cache keys its files on (with subset_tag)
+            if hasattr(base, attr):
+                setattr(self, attr, getattr(base, attr))
+        self.subset_tag = f"{os.path.abspath(list_path)}:{zlib.crc32(chr(10).join(self.classes).encode())}"
+
+    def read(self, i: int) -> np.ndarray:
+        return self.base.read(int(self.index[i]))
+
+    def nbytes(self, i: int) -> int:
+        return self.base.nbytes(int(self.index[i]))
+
+    def describe(self, i: int) -> str:
+        return self.base.describe(int(self.index[i]))
+
+
 # --------------------------------------------------------------------------- opening
 
 
@@ -321,14 +377,19 @@ def detect_layout(path: str, split: str) -> str:
                     "directory (ImageNet folder layout); run `python launch.py prepare` to make one")
 
 
-def open_source(path: str, split: str, *, on_error: str = "raise", num_classes: int = 0) -> Source:
+def open_source(path: str, split: str, *, on_error: str = "raise", num_classes: int = 0,
+                classes: str = "") -> Source:
+    """The split in either layout; ``classes``: a class-list file keeping only those classes."""
     layout = detect_layout(path, split)
     if layout == "zip":
         zp = os.path.join(path, f"{split}.zip")
         if not os.path.isfile(zp):
             raise DataError(f"{zp}: zip file not found (its map {split}_map.txt exists)")
-        return ZipSource(zp, os.path.join(path, f"{split}_map.txt"), on_error=on_error, num_classes=num_classes)
-    return FolderSource(os.path.join(path, split), on_error=on_error, num_classes=num_classes)
+        src: Source = ZipSource(zp, os.path.join(path, f"{split}_map.txt"), on_error=on_error,
+                                num_classes=0 if classes else num_classes)
+    else:
+        src = FolderSource(os.path.join(path, split), on_error=on_error, num_classes=0 if classes else num_classes)
+    return SubsetSource(src, read_class_list(classes), classes) if classes else src
 
 
 def owned_indices(n: int, rank: int, world: int) -> np.ndarray:

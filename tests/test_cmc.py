@@ -210,5 +210,12 @@ def test_seed_configs_load_with_the_seed_values():
             240, 0.03, 256, 0.9, 1e-4, "step", (120, 160, 200), 0.1)
         assert (lin.epochs, lin.lr, lin.momentum, lin.weight_decay, lin.schedule, lin.milestones, lin.gamma) == (
             60, 30.0, 0.9, 0.0, "step", (30, 40, 50), 0.2)
+    in100 = load_config(os.path.join(ROOT, "configs", "cmc_imagenet100_r50v1_ycbcr.yaml"))
+    assert (in100.data.classes, in100.method.cmc.loss, in100.method.cmc.K, in100.model.width) == (
+        "configs/imagenet100.txt", "softmax", 4096, 0.5)
+    from loaders.sources import read_class_list
+
+    synsets = read_class_list(os.path.join(ROOT, in100.data.classes))
+    assert len(synsets) == 100 and all(s[0] == "n" and len(s) == 9 and s[1:].isdigit() for s in synsets)
     demo = load_config(os.path.join(ROOT, "configs", "cmc_photos.yaml"))
     assert (demo.method.name, demo.aug.colorspace, demo.model.arch) == ("cmc", "lab", "resnet18")

@@ -86,6 +86,12 @@ RECIPES = {
         "train.weight_decay": 1e-4, "train.momentum": 0.9, "linear.epochs": 60, "linear.lr": 30.0,
         "linear.milestones": (30, 40, 50), "linear.gamma": 0.2, "linear.schedule": "step"}
        for v, space, width in (("r50v1", "lab", 0.5), ("r50v2", "ycbcr", 1.0))},
+    # The CMC README's ImageNet-100 row: YCbCr, 2 x ResNet50-half, softmax-CE, K 4096 (75.8% top-1).
+    "cmc_imagenet100_r50v1_ycbcr.yaml": {
+        **_IMAGENET_EVAL, "method.name": "cmc", "model.arch": "resnet50", "model.width": 0.5,
+        "aug.colorspace": "ycbcr", "data.classes": "configs/imagenet100.txt", "method.cmc.K": 4096,
+        "method.cmc.T": 0.07, "method.cmc.loss": "softmax", "train.epochs": 240, "train.lr": 0.03,
+        "train.milestones": (120, 160, 200), "linear.lr": 30.0, "linear.milestones": (30, 40, 50)},
     # The CMC demo on real colour photographs (README 'Methods' table).
     "cmc_photos.yaml": {"method.name": "cmc", "aug.colorspace": "lab", "model.arch": "resnet18", "model.width": 0.25,
                         "aug.crops": [(1, 64, (0.08, 1.0))], "data.path": "data/photos", "method.cmc.K": 0,
