@@ -46,7 +46,7 @@ from fastinst.model import make_grad_scaler  # noqa: E402
 from fastinst.methods.base import Method, embed_views  # noqa: E402
 
 DEFAULT_CONFIGS = ["npid_imagenet_r50", "instdisc_imagenet_r50", "pic_imagenet_r50", "mocov2_imagenet_r50",
-                   "simclr_imagenet_r50"]
+                   "simclr_imagenet_r50", "cmc_imagenet_r50v1_lab"]
 IMAGENET_N = 1281167
 
 

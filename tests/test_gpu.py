@@ -99,10 +99,11 @@ METHODS = [["method.name=npid", "method.npid.K=16"],
            ["method.name=pic", "method.pic.negatives=8", "method.pic.sampling=uniform",
             "aug.crops=[{count: 1, size: 32}, {count: 2, size: 16}]"],
            ["method.name=moco", "method.moco.K=32", "aug.crops=[{count: 2, size: 32}]"],
-           ["method.name=simclr", "train.optimizer=lars", "aug.crops=[{count: 2, size: 32}]"]]
+           ["method.name=simclr", "train.optimizer=lars", "aug.crops=[{count: 2, size: 32}]"],
+           ["method.name=cmc", "aug.colorspace=lab", "method.cmc.K=16"]]
 
 
-@pytest.mark.parametrize("over", METHODS, ids=["npid-nce", "npid-softmax", "pic", "pic-sampled", "moco", "simclr"])
+@pytest.mark.parametrize("over", METHODS, ids=["npid-nce", "npid-softmax", "pic", "pic-sampled", "moco", "simclr", "cmc"])
 def test_bf16_channels_last_step_of_every_method(colours, tmp_path, over):
     cfg = load_config(None, [f"data.path={colours}", "loader.backend=torch", "loader.num_workers=1",
                              "loader.batch_size=8", "aug.crops=[{count: 1, size: 32}]", "aug.eval_resize=32",

@@ -26,7 +26,7 @@ def test_run_sh_smoke_writes_every_part_and_the_bundle(tmp_path):
         summary = json.load(f)
     assert summary["parts_done"] == PARTS and summary["parts_missing"] == [] and summary["smoke"]
     names = {r["figure"] for r in summary["figures"]}
-    assert len(names) == 8 and all(isinstance(r["value"], float) for r in summary["figures"])
+    assert len(names) == 10 and all(isinstance(r["value"], float) for r in summary["figures"])
     assert "SMOKE RUN" in (out / "summary.md").read_text()
     # what the device tool can bring back: three files, the parts' JSON inside the tarball
     assert sorted(os.listdir(bundle)) == ["suite.tar.gz", "summary.json", "summary.md"]

@@ -33,6 +33,8 @@ GOALS = {  # figure -> (goal, direction): DESIGN.md's goals for one H200
     "NPID R50 AMP channels-last images/s (synthetic)": (6000, ">="),
     "end to end / synthetic step (NPID R50)": (0.97, ">="),
     "NPID R50 step: torch.compile / eager images/s": (None, ""),  # measured; no goal set
+    "CMC R50v1 (2 trunks) images/s (synthetic)": (None, ""),
+    "loader CMC 1x224 Lab images/s (best DALI)": (None, ""),
     "NPID bank + loss share of the step": (0.02, "<="),
     "PIC sampled: step at N=10M / at N=1.28M": (1.05, "<="),
     "FMNIST NPID kNN top-1 - raw-pixel kNN top-1": (0.0, ">"),
@@ -108,14 +110,17 @@ def part_gpu_tests(out: str, smoke: bool, data: str) -> dict:
 
 VIEWS = {"SimCLR 2x224": ("profile_simclr", "[{count: 2, size: 224, scale: [0.08, 1.0]}]",
                           "[{count: 2, size: 32, scale: [0.08, 1.0]}]"),
+         "CMC 1x224 Lab": ("cmc_imagenet_r50v1_lab", "[{count: 1, size: 224, scale: [0.08, 1.0]}]",
+                           "[{count: 1, size: 32, scale: [0.08, 1.0]}]"),
          "PIC 1x160+3x96": ("profile_multicrop", "[{count: 1, size: 160, scale: [0.14, 1.0]}, {count: 3, size: 96, "
                             "scale: [0.08, 0.14]}]", "[{count: 1, size: 32, scale: [0.14, 1.0]}, {count: 3, size: 16, "
                             "scale: [0.08, 0.14]}]")}
 
 
-def loader_variants(cuda: bool):
+def loader_variants(cuda: bool, view: str):
+    loads = (0.65,) if view.startswith("CMC") else (0.0, 0.65, 1.0)  # CMC: its Lab pipeline once, in the budget
     dali = [(f"DALI mixed, hw_decoder_load {h}", ["loader.backend=dali", "loader.device=gpu",
-                                                   f"loader.hw_decoder_load={h}"]) for h in (0.0, 0.65, 1.0)]
+                                                   f"loader.hw_decoder_load={h}"]) for h in loads]
     cpu = [("DALI cpu", ["loader.backend=dali", "loader.device=cpu"]), ("torchvision/PIL", ["loader.backend=torch"])]
     return (dali if cuda else []) + cpu
 
@@ -127,10 +132,10 @@ def part_loader(out: str, smoke: bool, data: str) -> dict:
 
     cuda = torch.cuda.is_available()
     size = ["loader.batch_size=4", "profile.batches=2", "profile.warmup_batches=1"] if smoke else \
-        ["loader.batch_size=256", "profile.batches=20", "profile.warmup_batches=3"]
+        ["loader.batch_size=256", "profile.batches=12", "profile.warmup_batches=2"]
     rows, skipped, raw = [], [] if cuda else ["DALI mixed (no CUDA here)"], {}
     for view, (cfg_name, crops, smoke_crops) in VIEWS.items():
-        for name, over in loader_variants(cuda):
+        for name, over in loader_variants(cuda, view):
             backend = "torch" if "loader.backend=torch" in over else "dali"
             cfg = load_config(os.path.join(ROOT, "configs", f"{cfg_name}.yaml"),
                               [f"data.path={os.path.join(data, 'photos')}", "data.cache=full",
@@ -168,9 +173,10 @@ def part_step_time(out: str, smoke: bool, data: str) -> dict:
 
     args = ["--out", os.path.join(out, "step_time")]
     if smoke:
-        args += ["--configs", "npid_imagenet_r50", "pic_imagenet_r50", "--arch", "resnet18", "--max-size", "32",
+        args += ["--configs", "npid_imagenet_r50", "pic_imagenet_r50", "cmc_imagenet_r50v1_lab", "--arch", "resnet18",
+                 "--max-size", "32",
                  "--batch", "2", "--num-samples", "300", "--pic-negatives", "16", "--pic-large-n", "900",
-                 "--steps", "1", "--warmup", "0", "--set", "method.npid.K=16", "method.moco.K=16"]
+                 "--steps", "1", "--warmup", "0", "--set", "method.npid.K=16", "method.moco.K=16", "method.cmc.K=16"]
     step_time.main(args)
     with open(os.path.join(out, "step_time.json")) as f:
         res = json.load(f)
@@ -284,7 +290,7 @@ def part_fmnist(out: str, smoke: bool, data: str) -> dict:
     over = [f"data.path={zips}", "train.resume=none"] + (
         ["model.width=0.25", "loader.batch_size=32", "loader.backend=torch", "loader.num_workers=1"] if smoke else
         ["model.width=1", "loader.batch_size=256", "train.lr=0.03", "train.lr_batch=128", "loader.num_workers=4"])
-    budget = 15.0 if smoke else 140.0  # seconds of training (the part's limit in run.sh: 205 s)
+    budget = 15.0 if smoke else 125.0  # seconds of training (the part's limit in run.sh: 185 s)
     probe = engine.train(load_config(base, over + ["train.max_steps=12" if smoke else "train.max_steps=60",
                                                    "train.log_every=4" if smoke else "train.log_every=20",
                                                    "train.eval_every=0", "eval.at_start=false"]),
@@ -329,11 +335,17 @@ def summary(out: str) -> dict:
         if best:
             figures["loader SimCLR 2x224 images/s (best DALI)"] = best["images_per_s"]
             figures["loader SimCLR 2x224: best DALI / torchvision"] = best["over_torchvision"]
+        cmc = parts["loader"].get("CMC 1x224 Lab: best DALI")
+        if cmc:
+            figures["loader CMC 1x224 Lab images/s (best DALI)"] = cmc["images_per_s"]
     if "step_time" in parts:
         st = parts["step_time"]["step_time"]
         npid = next((c for c in st["cases"] if c["name"] == "npid_imagenet_r50"), None)
         if npid:
             figures["NPID R50 AMP channels-last images/s (synthetic)"] = npid["images_per_s"]
+        cmc = next((c for c in st["cases"] if c["name"] == "cmc_imagenet_r50v1_lab"), None)
+        if cmc:
+            figures["CMC R50v1 (2 trunks) images/s (synthetic)"] = cmc["images_per_s"]
         for k, v in st["ratios"].items():
             if k.startswith("npid_imagenet_r50: bank + loss share"):
                 figures["NPID bank + loss share of the step"] = v

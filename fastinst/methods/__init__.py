@@ -32,20 +32,28 @@ def register(name: str, *, default: bool = False):
     return deco
 
 
+_SHIPPED: list = []  # module names of the shipped methods, in `_import_all`'s order
+
+
 def _import_all() -> None:
-    from . import npid, pic, moco, simclr, cmc  # noqa: F401  (each registers itself)
+    from . import npid, pic, moco, simclr, cmc  # (each registers itself)
+
+    _SHIPPED[:] = [m.__name__ for m in (npid, pic, moco, simclr, cmc)]
 
 
 def available() -> list:
-    """Registered method names: the shipped ones first, in `_import_all`'s order."""
+    """Registered method names: the shipped ones first, in `_import_all`'s order (whichever
+    module was imported first), then any others in registration order."""
     _import_all()
-    return list(_REGISTRY)
+    rank = {m: i for i, m in enumerate(_SHIPPED)}
+    names = list(_REGISTRY)
+    return sorted(names, key=lambda n: (rank.get(_REGISTRY[n].__module__, len(rank)), names.index(n)))
 
 
 def registered() -> Dict[str, Callable]:
-    """{name: class} of every registered method, in registration order."""
+    """{name: class} of every registered method, in `available`'s order."""
     _import_all()
-    return dict(_REGISTRY)
+    return {n: _REGISTRY[n] for n in available()}
 
 
 def method_class(name: str):
