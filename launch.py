@@ -131,7 +131,7 @@ def _cmd_export(args) -> int:
         raise SystemExit("export: config overrides need --config (the architecture comes from the checkpoint)")
     cfg = load_config(args.config, args.overrides) if args.config else None
     if int(os.environ.get("RANK", 0)) == 0:  # one writer under torchrun
-        print(json.dumps(export_backbone(args.checkpoint, args.out, cfg)))
+        print(json.dumps(export_backbone(args.checkpoint, args.out, cfg, fmt=args.format or "torchvision")))
     return 0
 
 
@@ -178,11 +178,13 @@ def main(argv=None) -> int:
                               "checkpoint); any world size"),
             out=(True, "probe directory (config.yaml, metrics.jsonl, checkpoints/)"),
             resume=(False, "auto, none or a probe checkpoint; default: linear.resume (auto)"))
-    command("export", _cmd_export, "write a checkpoint's backbone as a torchvision ResNet state_dict",
+    command("export", _cmd_export, "write a checkpoint's backbone(s) for torchvision, detectron2, mmdet or timm",
             config="optional: check model.arch / model.stem / model.width against the checkpoint's own config "
                    "(overrides need it)",
             checkpoint=(True, "a ckpt_* directory or a run directory (its newest)"),
-            out=(True, "output .pth (strict=False load misses only fc.*)"))
+            out=(True, "output file (torchvision: strict=False load misses only fc.*; several trunks: one file "
+                       "each, OUT's stem + .<trunk>)"),
+            format=(False, "torchvision (default), detectron2 (.pkl), mmdet ({'state_dict': ...}) or timm"))
 
     # Overrides may also follow options given after them (``--out D k=v --resume auto k2=v2``).
     args, extra = p.parse_known_args(argv)

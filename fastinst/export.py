@@ -18,7 +18,7 @@ from .config import Config, ConfigError
 from .model import EmbeddingNet
 
 __all__ = ["resolve_pretrained", "load_pretrained", "load_trunks", "trunk_spec", "load_trunk", "export_backbone",
-           "FrozenTrunks"]
+           "FrozenTrunks", "FORMATS", "detectron2_key", "write_format"]
 
 # Architecture keys a checkpoint's trunk depends on (the head is never used here).
 _TRUNK_KEYS = ("arch", "stem", "width")
@@ -114,13 +114,59 @@ def load_trunk(model: EmbeddingNet, state: Dict[str, torch.Tensor], path: str) -
                               f"model.arch/model.stem/model.width: {e}") from e
 
 
-def export_backbone(checkpoint: str, out_file: str, cfg: Optional[Config] = None) -> Dict[str, Any]:
+# --------------------------------------------------------------------------- export formats
+
+FORMATS = ("torchvision", "detectron2", "mmdet", "timm")
+_EXT = {"torchvision": ".pth", "detectron2": ".pkl", "mmdet": ".pth", "timm": ".pth"}
+
+
+def detectron2_key(key: str) -> str:
+    """A torchvision ResNet key under detectron2's ResNet names (what its
+    ``tools/convert-torchvision-to-d2.py`` produces): the stem's conv1 / bn1 under ``stem.``,
+    layer1..4 -> res2..res5, bnN -> convN.norm, downsample.0 / .1 -> shortcut / shortcut.norm."""
+    if not key.startswith("layer"):
+        key = "stem." + key
+    for t in range(1, 5):
+        key = key.replace(f"layer{t}.", f"res{t + 1}.")
+    for t in range(1, 4):
+        key = key.replace(f"bn{t}.", f"conv{t}.norm.")
+    return key.replace("downsample.0.", "shortcut.").replace("downsample.1.", "shortcut.norm.")
+
+
+def write_format(sd: Dict[str, torch.Tensor], target: str, fmt: str) -> None:
+    """Write a torchvision-named trunk state_dict in ``fmt`` (atomically):
+
+    - torchvision / timm: the state_dict itself (timm's ResNets use torchvision's key names;
+      load with ``timm.create_model(arch, num_classes=0)`` and ``strict=True``);
+    - mmdet: ``{"state_dict": sd, "meta": {...}}`` (mmcv's checkpoint loader reads
+      ``state_dict``; MMDetection's ``init_cfg=dict(type="Pretrained", checkpoint=...)``);
+    - detectron2: a pickle ``{"model": {d2 name: numpy array}, "__author__": "fastinst",
+      "matching_heuristics": True}`` (``MODEL.WEIGHTS``; RGB input with torchvision's
+      mean / std in 0-255 units and ``RESNETS.STRIDE_IN_1X1: False``)."""
+    import pickle
+
+    if fmt not in FORMATS:
+        raise ValueError(f"export format {fmt!r}: choose one of {list(FORMATS)}")
+    if fmt == "detectron2":
+        obj = {"model": {detectron2_key(k): v.numpy() for k, v in sd.items()}, "__author__": "fastinst",
+               "matching_heuristics": True}
+        _atomic_write(target, lambda f: pickle.dump(obj, f))
+        return
+    obj = {"state_dict": sd, "meta": {"author": "fastinst"}} if fmt == "mmdet" else sd
+    _atomic_write(target, lambda f: torch.save(obj, f))
+
+
+def export_backbone(checkpoint: str, out_file: str, cfg: Optional[Config] = None,
+                    fmt: str = "torchvision") -> Dict[str, Any]:
     """Write the trunk of ``checkpoint`` as a torchvision ResNet state_dict to ``out_file``
     (atomically). ``torchvision.models.<arch>().load_state_dict(sd, strict=False)`` then
     misses exactly fc.weight / fc.bias; a 'small' stem's conv1 is 3x3 (see fastinst/model.py).
     Several trunks (CMC): one file each, ``<out_file stem>.<name><suffix>``; their conv1 takes
     1 or 2 channels, so torchvision's ResNet needs ``conv1`` replaced by
-    ``nn.Conv2d(C, 64, 7, 2, 3, bias=False)`` first (C = the trunk's ``in_channels``)."""
+    ``nn.Conv2d(C, 64, 7, 2, 3, bias=False)`` first (C = the trunk's ``in_channels``).
+    ``fmt``: torchvision, detectron2, mmdet or timm (`write_format`)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"export format {fmt!r}: choose one of {list(FORMATS)}")
     trunks, saved, step, path = load_trunks(checkpoint)
     spec = trunk_spec(cfg, saved, path)
     files = []
@@ -130,14 +176,14 @@ def export_backbone(checkpoint: str, out_file: str, cfg: Optional[Config] = None
         load_trunk(model, state, path)
         sd = model.export_backbone_state_dict()
         stem, ext = os.path.splitext(os.path.abspath(out_file))
-        target = os.path.abspath(out_file) if len(trunks) == 1 else f"{stem}.{name}{ext or '.pth'}"
+        target = os.path.abspath(out_file) if len(trunks) == 1 else f"{stem}.{name}{ext or _EXT[fmt]}"
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        _atomic_write(target, lambda f, sd=sd: torch.save(sd, f))
+        write_format(sd, target, fmt)
         files.append({"name": name, "file": target, "in_channels": c, "feature_dim": model.feature_dim,
                       "tensors": len(sd)})
     one = files[0]
     return {"file": one["file"] if len(files) == 1 else [f["file"] for f in files], "checkpoint": path,
-            "step": step, **spec, "feature_dim": sum(f["feature_dim"] for f in files),
+            "step": step, "format": fmt, **spec, "feature_dim": sum(f["feature_dim"] for f in files),
             "tensors": sum(f["tensors"] for f in files), "trunks": files}
 
 

@@ -35,6 +35,15 @@ RECIPES = {
         **_NPID_AUG, **_IMAGENET_EVAL, "method.name": "npid", "model.arch": "resnet50", "method.npid.K": 0,
         "method.npid.loss": "softmax", "method.npid.T": 0.07, "method.npid.momentum": 0.5, "train.lr": 0.03,
         "train.epochs": 200, "train.milestones": (120, 160), "train.weight_decay": 1e-4},
+    # MMSelfSup npid_resnet50_8xb32-steplr-200e_in1k.py: SyncBN, 65536 negatives, softmax-CE, T 0.07, m 0.5,
+    # batch 32 x 8 GPUs, SGD lr 0.03 / 0.9 / 1e-4, 200 epochs, x0.1 at 120 and 160.
+    "npid_mmselfsup_imagenet_r50.yaml": {
+        **_NPID_AUG, **_IMAGENET_EVAL, "method.name": "npid", "model.arch": "resnet50", "model.embed_dim": 128,
+        "model.head": "linear", "model.sync_bn": True, "model.zero_init_residual": False, "method.npid.K": 65536,
+        "method.npid.loss": "softmax", "method.npid.T": 0.07, "method.npid.momentum": 0.5,
+        "method.npid.negatives": "per_sample", "loader.batch_size": 32, "train.lr": 0.03, "train.lr_batch": 256,
+        "train.momentum": 0.9, "train.weight_decay": 1e-4, "train.epochs": 200, "train.schedule": "step",
+        "train.milestones": (120, 160), "train.gamma": 0.1},
     # bl0/PIC scripts/InstDisc.sh: softmax over 65536 sampled rows, cosine with 5 warm-up epochs.
     "instdisc_imagenet_r50.yaml": {
         **_NPID_AUG, **_IMAGENET_EVAL, **_PIC_REPO_MODEL, "method.name": "npid", "method.npid.K": 65536,
