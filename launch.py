@@ -112,11 +112,15 @@ def _cmd_linear(args) -> int:
     from fastinst.linear import linear_probe
 
     overrides = list(args.overrides) + ([f"linear.resume={args.resume}"] if args.resume else [])
+    overrides += [f"linear.stages=[{args.stages}]"] if args.stages else []
     cfg = load_config(args.config, overrides)
     res = main_guard(linear_probe, cfg, args.checkpoint, args.out)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"linear probe: top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}% after epoch {res['epoch']:g} "
               f"(best top-1 {res['best_top1']:.2f}%)")
+        if "heads" in res:
+            print("| head | top-1 | top-5 |\n|---|---|---|\n" + "\n".join(
+                f"| {n} | {h['top1']:.2f} | {h['top5']:.2f} |" for n, h in res["heads"].items()))
         print(json.dumps(res))
     return 0
 
@@ -177,7 +181,9 @@ def main(argv=None) -> int:
             checkpoint=(True, "a ckpt_* directory with a COMPLETE marker, or a run directory (its newest "
                               "checkpoint); any world size"),
             out=(True, "probe directory (config.yaml, metrics.jsonl, checkpoints/)"),
-            resume=(False, "auto, none or a probe checkpoint; default: linear.resume (auto)"))
+            resume=(False, "auto, none or a probe checkpoint; default: linear.resume (auto)"),
+            stages=(False, "e.g. 1,2,3,4,5: one head per ResNet stage (MMSelfSup's multi-head benchmark; "
+                           "linear.stages) instead of one on the pooled features"))
     command("export", _cmd_export, "write a checkpoint's backbone(s) for torchvision, detectron2, mmdet or timm",
             config="optional: check model.arch / model.stem / model.width against the checkpoint's own config "
                    "(overrides need it)",

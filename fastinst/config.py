@@ -305,9 +305,15 @@ class LinearConfig:
     max_steps: int = 0  # > 0 stops early (smoke runs); evaluated and checkpointed at the stop
     # auto: the newest complete checkpoint in <out>/checkpoints if any; none; or a path.
     resume: str = "auto"
+    # () = one head on the globally pooled features; (1, 2, 3, 4, 5) = MMSelfSup's multi-head
+    # benchmark: one head per ResNet stage (1 = the stem before max-pooling, 2-5 = layer1-4),
+    # each on its map average-pooled to 12 / 6 / 4 / 3 / 2 px, a BN without affine, then linear.
+    stages: Tuple[int, ...] = ()
 
     def __post_init__(self):
         check(self.epochs >= 1, "linear.epochs", "must be >= 1 (PIC uses 100)")
+        check(all(s in (1, 2, 3, 4, 5) for s in self.stages) and len(set(self.stages)) == len(self.stages),
+              "linear.stages", f"lists distinct ResNet stages among 1..5, got {list(self.stages)}")
         check(self.lr > 0, "linear.lr", "must be > 0 (PIC uses 30 for a batch of 256)")
         check(self.weight_decay >= 0, "linear.weight_decay", "must be >= 0 (PIC uses 0)")
         check_sgd_keys(self, "linear")

@@ -81,9 +81,19 @@ class FrozenTrunks(nn.Module):
         self.nets, self.channels = nn.ModuleList(nets), list(channels)
         self.feature_dim = sum(n.feature_dim for n in nets)
 
+    def _views(self, x: torch.Tensor):
+        return [x if c is None else x[:, c[0]:c[1]] for c in self.channels]
+
     def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([n.backbone_features(x if c is None else x[:, c[0]:c[1]])
-                          for n, c in zip(self.nets, self.channels)], 1)  # [B, sum of feature_dim]
+        return torch.cat([n.backbone_features(v) for n, v in zip(self.nets, self._views(x))], 1)  # [B, sum]
+
+    def stage_maps(self, x: torch.Tensor, stages) -> Dict[int, torch.Tensor]:
+        """Each stage's maps of every trunk, concatenated along channels."""
+        maps = [n.stage_maps(v, stages) for n, v in zip(self.nets, self._views(x))]
+        return {s: torch.cat([m[s] for m in maps], 1) for s in maps[0]}
+
+    def stage_channels(self) -> Dict[int, int]:
+        return {s: sum(n.stage_channels()[s] for n in self.nets) for s in range(1, 6)}
 
 
 def trunk_spec(cfg: Optional[Config], saved: Optional[dict], path: str) -> Dict[str, Any]:

@@ -100,6 +100,37 @@ def probe_schedule(cfg: Config, steps_per_epoch: int, lr0: float) -> LRSchedule:
                       warmup_start=lin.warmup_start)
 
 
+STAGE_POOL = {1: 12, 2: 6, 3: 4, 4: 3, 5: 2}  # MMSelfSup mhead: ~9k inputs per head for a 224 px ResNet-50
+
+
+class ProbeHeads(nn.Module):
+    """The probe's linear heads, each on its own features: ``avgpool`` (the globally pooled
+    trunk features, one nn.Linear) or ``feat<k>`` (stage k's map average-pooled to
+    STAGE_POOL[k] px, BatchNorm without affine, flattened, nn.Linear: MMSelfSup's multi-head
+    benchmark). Linear weights N(0, 0.01), zero bias (MoCo's main_lincls / MMSelfSup)."""
+
+    def __init__(self, inputs: Dict[str, Tuple[int, int]], num_classes: int):
+        super().__init__()
+        self.heads = nn.ModuleDict()
+        for name, (channels, pool) in inputs.items():
+            fc = nn.Linear(channels * pool * pool, num_classes)
+            nn.init.normal_(fc.weight, std=0.01)
+            nn.init.zeros_(fc.bias)
+            self.heads[name] = fc if pool == 1 and name == "avgpool" else nn.Sequential(
+                nn.BatchNorm2d(channels, affine=False), nn.Flatten(), fc)
+
+    def forward(self, feats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {name: head(feats[name]) for name, head in self.heads.items()}  # {name: [B, C] fp32}
+
+
+def head_inputs(cfg: Config, backbone: nn.Module) -> Dict[str, Tuple[int, int]]:
+    """{head name: (channels, pooled size)} for ``linear.stages`` (empty: the global pool)."""
+    if not cfg.linear.stages:
+        return {"avgpool": (backbone.feature_dim, 1)}
+    channels = backbone.stage_channels()
+    return {f"feat{s}": (channels[s], STAGE_POOL[s]) for s in sorted(cfg.linear.stages)}
+
+
 @dataclass
 class LinearProbe:
     cfg: Config
@@ -144,14 +175,18 @@ class LinearProbe:
         return save_checkpoint(self.ckpt_dir, self.step, self.state_dict(), rank=self.env.rank,
                                world_size=self.env.world, keep=self.cfg.linear.keep)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled frozen-trunk features [B, feature_dim] in fp32 (AMP inside the trunk only)."""
+    def features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """What each head reads, fp32 (AMP inside the trunk only): ``avgpool`` [B, feature_dim],
+        or ``feat<k>`` [B, C_k, s_k, s_k] (stage k's map, adaptive-average-pooled to s_k)."""
         x = x.to(self.env.device, non_blocking=True)
         if self.amp == "off" and x.dtype != torch.float32:
             x = x.float()  # loader.fp16 views without autocast
+        stages = self.cfg.linear.stages
         with torch.no_grad(), autocast_context(self.env.device.type, self.amp):
-            f = self.backbone.backbone_features(x)  # [B, feature_dim]
-        return f.float()
+            if not stages:
+                return {"avgpool": self.backbone.backbone_features(x).float()}  # [B, feature_dim]
+            maps = self.backbone.stage_maps(x, stages)
+            return {f"feat{s}": F.adaptive_avg_pool2d(m.float(), STAGE_POOL[s]) for s, m in maps.items()}
 
 
 def build_probe(cfg: Config, checkpoint: str, out_dir: str, env: DistEnv) -> LinearProbe:
@@ -167,12 +202,8 @@ def build_probe(cfg: Config, checkpoint: str, out_dir: str, env: DistEnv) -> Lin
                           f"{val_classes - 1} but the train split only {num_classes} classes; set "
                           f"data.num_classes={val_classes}")
     backbone, path, pstep = build_frozen_backbone(cfg, checkpoint, env)
-    torch.manual_seed(cfg.seed)  # the same initial head on every rank (DDP broadcasts it too)
-    head = nn.Linear(backbone.feature_dim, num_classes)
-    # N(0, 0.01) weights, zero bias: the fc init of MoCo's main_lincls.py.
-    nn.init.normal_(head.weight, std=0.01)
-    nn.init.zeros_(head.bias)
-    head = env.wrap_ddp(head.to(env.device))
+    torch.manual_seed(cfg.seed)  # the same initial heads on every rank (DDP broadcasts them too)
+    head = env.wrap_ddp(ProbeHeads(head_inputs(cfg, backbone), num_classes).to(env.device))
     lin = cfg.linear
     lr0 = scaled_lr(lin.lr, lin.lr_batch, cfg.loader.batch_size, env.world)  # linear scaling, as train.lr
     optimizer = sgd(head.parameters(), lr0, lin.momentum, lin.weight_decay, env.device.type == "cuda")
@@ -197,18 +228,22 @@ def validate(p: LinearProbe) -> Dict[str, float]:
     head = unwrap(p.head)
     head.eval()
     k = min(5, p.num_classes)
-    sums = torch.zeros(4, dtype=torch.float64, device=p.env.device)  # correct@1, correct@k, n, loss sum
+    names = list(head.heads)
+    sums = torch.zeros(len(names), 4, dtype=torch.float64, device=p.env.device)  # per head: c@1, c@k, n, loss
     p.val_loader.set_epoch(0)
     for batch in p.val_loader:
         y = batch["label"].to(p.env.device, non_blocking=True)  # [B]
-        logits = head(p.features(batch["views"][0]))  # [B, C] fp32
-        hit = logits.topk(k, dim=1).indices.eq(y[:, None])  # [B, k]
-        sums += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(), y.new_tensor(len(y)),
-                             F.cross_entropy(logits, y, reduction="sum")]).double()
-    c1, ck, n, loss = _all_reduce(sums, p.env.world).tolist()
+        out = head(p.features(batch["views"][0]))  # {name: [B, C] fp32}
+        for i, name in enumerate(names):
+            hit = out[name].topk(k, dim=1).indices.eq(y[:, None])  # [B, k]
+            sums[i] += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(), y.new_tensor(len(y)),
+                                    F.cross_entropy(out[name], y, reduction="sum")]).double()
+    per = {}
+    for name, (c1, ck, n, loss) in zip(names, _all_reduce(sums, p.env.world).tolist()):
+        per[name] = {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * ck / max(n, 1), "val_loss": loss / max(n, 1),
+                     "val_n": int(n)}
     head.train()
-    return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * ck / max(n, 1), "val_loss": loss / max(n, 1),
-            "val_n": int(n)}
+    return {**per[names[-1]], **({"heads": per} if len(names) > 1 else {})}  # the deepest head's, and each
 
 
 # --------------------------------------------------------------------------- the loop
@@ -230,13 +265,16 @@ def _probe_loop(p: LinearProbe, log: MetricsLog) -> Dict[str, float]:
             for g in p.optimizer.param_groups:
                 g["lr"] = lr
             y = batch["label"].to(env.device, non_blocking=True)  # [B]
-            logits = head(p.features(batch["views"][0]))  # [B, C] fp32; grads reach the head only
-            loss = F.cross_entropy(logits, y)
+            out = head(p.features(batch["views"][0]))  # {name: [B, C] fp32}; grads reach the heads only
+            losses = {name: F.cross_entropy(o, y) for name, o in out.items()}
+            deepest = next(reversed(out))  # its train loss / accuracy are the ones reported
+            logits = out[deepest]
+            loss = sum(losses.values())  # each head gets its own gradient (logged: the sum over heads)
             p.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             p.optimizer.step()
             with torch.no_grad():
-                tsum += torch.stack([loss.detach() * len(y), logits.argmax(1).eq(y).sum(),
+                tsum += torch.stack([losses[deepest].detach() * len(y), logits.argmax(1).eq(y).sum(),
                                      y.new_tensor(len(y))]).double()
             meter.step(loss)
             p.step += 1
@@ -270,6 +308,9 @@ def _validate_epoch(p: LinearProbe, log: MetricsLog, tsum: torch.Tensor, done: i
     log0(p.env, f"linear ep {done}/{p.cfg.linear.epochs} val top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}% "
                 f"(best top-1 {p.best_top1:.2f}%) train loss {res['train_loss']:.4f} "
                 f"train top-1 {res['train_top1']:.2f}%")
+    if "heads" in res:
+        log0(p.env, "  per stage: " + ", ".join(f"{n} top-1 {r['top1']:.2f}% top-5 {r['top5']:.2f}%"
+                                                 for n, r in res["heads"].items()))
     return res
 
 

@@ -181,6 +181,32 @@ class EmbeddingNet(nn.Module):
         """Pooled pre-head features [B, feature_dim] (the linear-probe input)."""
         return self.backbone(self._prepare(x))  # [B, feature_dim]
 
+    def stage_channels(self) -> Dict[int, int]:
+        """Channels of each stage's maps (`stage_maps`)."""
+        b = self.backbone
+        out = {1: b.conv1.out_channels}
+        for k in range(2, 6):
+            layer = getattr(b, f"layer{k - 1}")
+            last = layer[-1]
+            out[k] = (last.conv3 if hasattr(last, "conv3") else last.conv2).out_channels
+        return out
+
+    def stage_maps(self, x: Tensor, stages) -> Dict[int, Tensor]:
+        """Feature maps of ResNet stages: 1 = the stem after its ReLU (before max-pooling, as
+        MMSelfSup's Feature1), 2..5 = the outputs of layer1..layer4; {stage: [B, C, H, W]}."""
+        b, out = self.backbone, {}
+        x = b.relu(b.bn1(b.conv1(self._prepare(x))))
+        if 1 in stages:
+            out[1] = x
+        x = b.maxpool(x)
+        for k in range(2, 6):
+            if all(s < k for s in stages):
+                break
+            x = getattr(b, f"layer{k - 1}")(x)
+            if k in stages:
+                out[k] = x
+        return out
+
     def forward(self, x: Tensor) -> Tensor:
         feats = self.backbone(self._prepare(x))  # [B, feature_dim]
         z = self.head(feats)  # [B, embed_dim], autocast dtype if enabled

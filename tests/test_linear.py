@@ -129,8 +129,9 @@ def test_probe_learns_linearly_separable_colours(colours, tmp_path):
     assert res["epoch"] == 15 and res["step"] == 15 * 4
     state = load_checkpoint(find_latest_complete(os.path.join(out, "checkpoints")))
     head = state["linear"]
-    assert head["weight"].shape == (3, 512) and state["step"] == 60
-    logits = xv @ head["weight"].double().T + head["bias"].double()  # [16, 3]
+    assert set(head) == {"heads.avgpool.weight", "heads.avgpool.bias"}  # one head, on the pooled features
+    assert head["heads.avgpool.weight"].shape == (3, 512) and state["step"] == 60
+    logits = xv @ head["heads.avgpool.weight"].double().T + head["heads.avgpool.bias"].double()  # [16, 3]
     p_true = logits.softmax(1)[torch.arange(len(yv)), yv]
     assert float(p_true.min()) > 0.6, p_true  # correct with a margin: rounding cannot flip it
     assert 100.0 * float((logits.argmax(1) == yv).double().mean()) == res["top1"]
@@ -155,7 +156,7 @@ def test_backbone_stays_frozen(colours, tmp_path):
     cfg = tiny_cfg(data, "linear.max_steps=3", "linear.ckpt_every=0")
     probe = linear.build_probe(cfg, ckpt, str(tmp_path), DistEnv())
     before = {k: v.clone() for k, v in probe.backbone.state_dict().items()}
-    head0 = probe.head.weight.detach().clone()
+    head0 = probe.head.heads["avgpool"].weight.detach().clone()
     saved = load_checkpoint(ckpt)["model"]
     trunk = [k for k in before if k.startswith("backbone.")]
     assert len(trunk) > 100 and all(torch.equal(before[k], saved[k]) for k in trunk)  # loaded as saved
@@ -168,10 +169,10 @@ def test_backbone_stays_frozen(colours, tmp_path):
     after = probe.backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN running stats
     assert not probe.backbone.training and probe.step == 3
-    assert not torch.equal(head0, probe.head.weight)
+    assert not torch.equal(head0, probe.head.heads["avgpool"].weight)
     # Probe input = pooled trunk features, not the 128-d embedding.
     x = torch.randn(2, 3, 16, 16)
-    assert probe.features(x).shape == (2, 512)
+    assert probe.features(x)["avgpool"].shape == (2, 512)
 
 
 def test_resume_reproduces_uninterrupted_probe(colours, tmp_path):
@@ -184,7 +185,7 @@ def test_resume_reproduces_uninterrupted_probe(colours, tmp_path):
     resumed = linear.linear_probe(tiny_cfg(data, *over), ckpt, b)  # linear.resume=auto
     assert resumed["step"] == straight["step"] == 12
     sa, sb = (load_checkpoint(find_latest_complete(os.path.join(d, "checkpoints"))) for d in (a, b))
-    for k in ("weight", "bias"):
+    for k in ("heads.avgpool.weight", "heads.avgpool.bias"):
         torch.testing.assert_close(sb["linear"][k], sa["linear"][k], rtol=1e-5, atol=1e-6)
     la = [r["loss"] for r in read_metrics(a) if r["kind"] == "linear_train"]
     lb = [r["loss"] for r in read_metrics(b) if r["kind"] == "linear_train"]
@@ -254,6 +255,13 @@ def test_cli_linear_and_export_from_a_training_run(colours, tmp_path, capsys):
     res = json.loads(printed[-1])
     assert res["epoch"] == 1 and 0 <= res["top1"] <= res["top5"] <= 100
     assert [r["kind"] for r in read_metrics(probe)][-1] == "linear_eval"
+    staged = str(tmp_path / "staged")
+    assert launch.main(["linear", "--config", cfg_path, "--checkpoint", run, "--out", staged, "--stages", "2,4",
+                        "linear.epochs=1"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-5:-3] == ["| head | top-1 | top-5 |", "|---|---|---|"]  # the per-stage table
+    assert [ln.split(" | ")[0] for ln in printed[-3:-1]] == ["| feat2", "| feat4"]
+    assert set(json.loads(printed[-1])["heads"]) == {"feat2", "feat4"}
     pth = str(tmp_path / "r18.pth")
     assert launch.main(["export", "--checkpoint", run, "--out", pth]) == 0
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -308,7 +316,7 @@ def test_two_processes_match_one(colours, tmp_path):
         last = find_latest_complete(os.path.join(out, "checkpoints"))
         runs[world] = (read_metrics(out), load_checkpoint(last, rank=0, world_size=world)["linear"])
     (m1, h1), (m2, h2) = runs[1], runs[2]
-    for k in ("weight", "bias"):
+    for k in ("heads.avgpool.weight", "heads.avgpool.bias"):
         torch.testing.assert_close(h2[k], h1[k], rtol=1e-4, atol=1e-6)
     e1, e2 = ([r for r in m if r["kind"] == "linear_eval"] for m in (m1, m2))
     assert len(e1) == len(e2) == 2
@@ -316,3 +324,24 @@ def test_two_processes_match_one(colours, tmp_path):
     # Epoch train loss and val loss are reduced over ranks: the global-batch values.
     for k in ("train_loss", "val_loss"):
         assert [r[k] for r in e2] == pytest.approx([r[k] for r in e1], rel=1e-4)
+
+
+def test_per_stage_heads_each_learn_the_separable_colours(colours, tmp_path):
+    """linear.stages=[1..5] (MMSelfSup's multi-head benchmark): one head per ResNet stage on its
+    map pooled to 12/6/4/3/2 px behind a BN without affine, all trained in one pass; the
+    colour classes (separable: test_probe_learns_linearly_separable_colours) are learnt by
+    every head, each reported in metrics.jsonl."""
+    data, ckpt = colours
+    cfg = tiny_cfg(data, "linear.stages=[1, 2, 3, 4, 5]", "linear.epochs=15", "linear.warmup_epochs=1")
+    out = str(tmp_path / "probe")
+    res = linear.linear_probe(cfg, ckpt, out)
+    heads = res["heads"]
+    assert list(heads) == ["feat1", "feat2", "feat3", "feat4", "feat5"] and res["top1"] == heads["feat5"]["top1"]
+    assert {n: h["top1"] for n, h in heads.items()} == {n: 100.0 for n in heads}, heads
+    state = load_checkpoint(find_latest_complete(os.path.join(out, "checkpoints")))["linear"]
+    # resnet18 (small stem): stage channels 64 / 64 / 128 / 256 / 512, pooled to 12 / 6 / 4 / 3 / 2 px
+    dims = {f"feat{k}": c * s * s for k, c, s in zip(range(1, 6), (64, 64, 128, 256, 512), (12, 6, 4, 3, 2))}
+    assert {n: state[f"heads.{n}.2.weight"].shape for n in heads} == {n: (3, d) for n, d in dims.items()}
+    assert all(f"heads.{n}.0.running_mean" in state and f"heads.{n}.0.weight" not in state for n in heads)  # no affine
+    evals = [r for r in read_metrics(out) if r["kind"] == "linear_eval"]
+    assert set(evals[-1]["heads"]) == set(heads)
