@@ -125,6 +125,34 @@ def _cmd_linear(args) -> int:
     return 0
 
 
+def _cmd_svm(args) -> int:
+    import json
+
+    from fastinst.config import load_config
+    from fastinst.runtime import main_guard
+    from fastinst.svm import plot_low_shot, run_svm
+
+    cfg = load_config(args.config, args.overrides)
+    res = main_guard(run_svm, cfg, args.checkpoint, args.out)
+    base = None
+    if args.baseline == "random":  # the same protocol on the untrained encoder
+        base = main_guard(run_svm, cfg, "random", os.path.join(args.out, "random_init"))
+    elif args.baseline:
+        raise SystemExit(f"svm --baseline {args.baseline!r}: the only baseline is 'random'")
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"svm: accuracy {res['svm']['accuracy']:.2f}% (C={res['svm']['cost']:g}, {res['feature']}, "
+              f"{res['dims']} dims)" + (f"; random init {base['svm']['accuracy']:.2f}%" if base else ""))
+        if res["low_shot"]:
+            curves = {"trained": res["low_shot"], **({"random init": base["low_shot"]} if base else {})}
+            print("| k | " + " | ".join(curves) + " |\n|---|" + "---|" * len(curves))
+            for i, r in enumerate(res["low_shot"]):
+                print(f"| {r['k']} | " + " | ".join(f"{c[i]['mean']:.2f} ± {c[i]['std']:.2f}" for c in curves.values())
+                      + " |")
+            print("plot:", plot_low_shot(curves, os.path.join(args.out, "low_shot.png")))
+        print(json.dumps({"trained": res, **({"random_init": base} if base else {})}))
+    return 0
+
+
 def _cmd_export(args) -> int:
     import json
 
@@ -184,6 +212,12 @@ def main(argv=None) -> int:
             resume=(False, "auto, none or a probe checkpoint; default: linear.resume (auto)"),
             stages=(False, "e.g. 1,2,3,4,5: one head per ResNet stage (MMSelfSup's multi-head benchmark; "
                            "linear.stages) instead of one on the pooled features"))
+    command("svm", _cmd_svm, "linear SVM and low-shot SVMs on frozen features (MMSelfSup's VOC07 protocol, "
+            "scikit-learn LinearSVC)",
+            checkpoint=(True, "a ckpt_* directory or a run directory (its newest), or 'random' (the untrained "
+                              "encoder)"),
+            out=(True, "directory: cached features_<split>.npz, svm.json, low_shot.png"),
+            baseline=(False, "'random': also the untrained encoder (OUT/random_init), a second curve in the plot"))
     command("export", _cmd_export, "write a checkpoint's backbone(s) for torchvision, detectron2, mmdet or timm",
             config="optional: check model.arch / model.stem / model.width against the checkpoint's own config "
                    "(overrides need it)",

@@ -330,6 +330,25 @@ class LinearConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SVMConfig:
+    """Linear SVMs on frozen features (``launch.py svm``, fastinst/svm.py): MMSelfSup's VOC07
+    SVM protocol with scikit-learn's LinearSVC."""
+
+    # feat5: the last stage pooled to 2x2 and flattened (MMSelfSup's default); feat1-feat4 the
+    # other stages (pooled as linear.stages); avgpool: the globally pooled features.
+    feature: Literal["feat1", "feat2", "feat3", "feat4", "feat5", "avgpool"] = "feat5"
+    # MMSelfSup's grid: 1, 10, 100 and 0.5^4 ... 0.5^19.
+    costs: Tuple[float, ...] = (1.0, 10.0, 100.0) + tuple(0.5 ** n for n in range(4, 20))
+    low_shot: Tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 96)  # samples per class; () skips it
+    draws: int = 5  # fixed low-shot draws per k
+
+    def __post_init__(self):
+        check(len(self.costs) >= 1 and all(c > 0 for c in self.costs), "svm.costs", "needs positive costs")
+        check(all(k >= 1 for k in self.low_shot), "svm.low_shot", "samples per class must be >= 1")
+        check(self.draws >= 1, "svm.draws", "must be >= 1 (MMSelfSup: 5)")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     name: str = "fastinst"
     seed: int = 0
@@ -343,6 +362,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
+    svm: SVMConfig = field(default_factory=SVMConfig)
 
     @classmethod
     def field_types(cls) -> dict:

@@ -48,12 +48,22 @@ from .schedule import Clock, LRSchedule
 
 __all__ = ["linear_probe", "export_backbone", "LinearProbe"]
 
+RANDOM_INIT = "random"  # the checkpoint name of the untrained encoder (a baseline)
+
+
 def build_frozen_backbone(cfg: Config, checkpoint: str, env: DistEnv) -> Tuple[nn.Module, str, int]:
     """The pretrained trunk(s) the method's ``probe_trunks`` named (CMC: L and ab, whose pooled
-    features are concatenated) on ``env.device``, frozen (eval mode, no gradients)."""
+    features are concatenated) on ``env.device``, frozen (eval mode, no gradients).
+    ``checkpoint="random"``: the encoder ``model.*`` builds at ``seed`` (the training run's step
+    0, BN statistics at their initial values), a baseline for the same protocol."""
+    m = cfg.model
+    if checkpoint == RANDOM_INIT:
+        from .build import build_encoder
+
+        net = build_encoder(dataclasses.replace(cfg, model=dataclasses.replace(m, compile=False)), env)
+        return net.to(env.device).eval().requires_grad_(False), RANDOM_INIT, 0
     trunks, saved, step, path = load_trunks(checkpoint)
     spec = trunk_spec(cfg, saved, path)
-    m = cfg.model
     nets = []
     for _, state, channels in trunks:
         net = build_model(spec["arch"], stem=spec["stem"], width=spec["width"], embed_dim=m.embed_dim,
