@@ -15,6 +15,10 @@
     python launch.py linear --config configs/npid_fmnist.yaml --checkpoint runs/npid_fmnist --out runs/npid_fmnist/linear
     torchrun --nproc_per_node=8 launch.py linear --config configs/npid_imagenet_r50.yaml \
         --checkpoint runs/npid_r50/checkpoints/ckpt_000100000 --out runs/npid_r50/linear loader.batch_size=32
+    python launch.py linear --config configs/npid_fmnist.yaml --checkpoint runs/npid_fmnist --out runs/eval/stages \
+        --stages 1,2,3,4,5
+    python launch.py svm --config configs/npid_fmnist.yaml --checkpoint runs/npid_fmnist --out runs/eval/svm \
+        --baseline random
     python launch.py export --checkpoint runs/npid_r50 --out runs/npid_r50/resnet50_backbone.pth
 
 Settings after the options are dotted config overrides (``key.sub=value``). Under torchrun
