@@ -144,8 +144,10 @@ def _cmd_svm(args) -> int:
     elif args.baseline:
         raise SystemExit(f"svm --baseline {args.baseline!r}: the only baseline is 'random'")
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"svm: accuracy {res['svm']['accuracy']:.2f}% (C={res['svm']['cost']:g}, {res['feature']}, "
-              f"{res['dims']} dims)" + (f"; random init {base['svm']['accuracy']:.2f}%" if base else ""))
+        what = "mAP" if res["multi_label"] else "accuracy"
+        print(f"svm: {what} {res['svm']['accuracy']:.2f}% (C={res['svm']['cost']:g}"
+              f"{', median over classes' if res['multi_label'] else ''}, {res['feature']}, {res['dims']} dims)"
+              + (f"; random init {base['svm']['accuracy']:.2f}%" if base else ""))
         if res["low_shot"]:
             curves = {"trained": res["low_shot"], **({"random init": base["low_shot"]} if base else {})}
             print("| k | " + " | ".join(curves) + " |\n|---|" + "---|" * len(curves))

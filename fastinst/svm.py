@@ -12,8 +12,13 @@ scikit-learn's liblinear ``LinearSVC`` as the solver:
 - single-label data: one multi-class one-vs-rest LinearSVC, its cost chosen by 3-fold
   stratified cross-validation accuracy on the train features, then refit on all of them and
   scored on the val split (accuracy);
+- multi-label data (VOC-style maps, several labels per line): one binary LinearSVC per class
+  with VOC's class weights {+1: 2, -1: 1}, its cost chosen by 3-fold CV average precision on
+  the train features; reported: mAP over the classes on the val split (scikit-learn's
+  non-interpolated average precision);
 - low-shot: k in ``svm.low_shot`` samples per class from the train features, ``svm.draws``
-  fixed draws (seeded by (seed, k, draw)); for each k the cost whose mean val accuracy over
+  fixed draws (seeded by (seed, k, draw)); multi-label: per class k positives and (C - 1) k
+  negatives (MMSelfSup's sampling); for each k the cost whose mean val accuracy (mAP) over
   the draws is best (MMSelfSup selects it on the test set in the same way), reported with
   the mean and std over the draws.
 """
@@ -34,10 +39,49 @@ from .runtime import DistEnv, derive_seed, init_distributed, log0
 
 
 
-def _svc(cost: float):
+def _svc(cost: float, voc_weights: bool = False):
     from sklearn.svm import LinearSVC
 
-    return LinearSVC(C=cost, loss="squared_hinge", penalty="l2", dual=True, tol=1e-4, max_iter=2000)
+    return LinearSVC(C=cost, loss="squared_hinge", penalty="l2", dual=True, tol=1e-4, max_iter=2000,
+                     class_weight={1: 2, -1: 1} if voc_weights else None)
+
+
+def label_matrix(label_sets, index: np.ndarray, num_classes: int) -> np.ndarray:
+    """[N, C] +1 / -1 targets of the samples ``index`` from their label lists."""
+    y = -np.ones((len(index), num_classes), dtype=np.int64)
+    for row, i in enumerate(index):
+        y[row, label_sets[int(i)]] = 1
+    return y
+
+
+def _ap(y: np.ndarray, score: np.ndarray) -> float:
+    from sklearn.metrics import average_precision_score
+
+    return float(average_precision_score(y == 1, score))
+
+
+def svm_map(train: Dict[str, np.ndarray], val: Dict[str, np.ndarray], costs, seed: int = 0) -> Dict:
+    """Multi-label: per class, the cost by 3-fold CV AP, then AP on val; mAP in percent.
+    ``train["targets"]`` / ``val["targets"]``: [N, C] +1 / -1."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    xt, xv = normalise(train["feats"]), normalise(val["feats"])
+    per, skipped = [], []
+    for c in range(train["targets"].shape[1]):
+        yt = train["targets"][:, c]
+        n_pos, n_val = int((yt == 1).sum()), int((val["targets"][:, c] == 1).sum())
+        if n_pos < 3 or n_val < 1:  # no 3-fold CV, or no AP, is possible: left out of the mAP
+            skipped.append({"class": c, "train_positives": n_pos, "val_positives": n_val})
+            continue
+        cv = StratifiedKFold(n_splits=3, shuffle=True, random_state=seed)
+        scores = [float(cross_val_score(_svc(k, True), xt, yt, cv=cv, scoring="average_precision").mean())
+                  for k in costs]
+        best = float(costs[int(np.argmax(scores))])
+        ap = _ap(val["targets"][:, c], _svc(best, True).fit(xt, yt).decision_function(xv))
+        per.append({"class": c, "cost": best, "cv_ap": max(scores), "ap": ap})
+    if not per:
+        raise ValueError("svm: no class has >= 3 train positives and a val positive: no mAP to report")
+    return {"map": 100.0 * float(np.mean([p["ap"] for p in per])), "per_class": per, "skipped": skipped}
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -141,17 +185,40 @@ def low_shot_draw(labels: np.ndarray, k: int, seed: int, draw: int) -> np.ndarra
     return np.sort(np.concatenate(rows))
 
 
+def low_shot_multilabel_draw(targets: np.ndarray, c: int, k: int, seed: int, draw: int) -> np.ndarray:
+    """Class c's low-shot rows: k of its positives and (C - 1) k of its negatives (MMSelfSup's
+    VOC sampling), sorted; a pure function of (targets, c, k, seed, draw)."""
+    rng = np.random.default_rng(derive_seed(seed, "low-shot-multilabel", c, k, draw))
+    pos, neg = np.flatnonzero(targets[:, c] == 1), np.flatnonzero(targets[:, c] != 1)
+    n_neg = min(len(neg), (targets.shape[1] - 1) * k)
+    return np.sort(np.concatenate([rng.choice(pos, size=min(k, len(pos)), replace=False),
+                                   rng.choice(neg, size=n_neg, replace=False)]))
+
+
+def _low_shot_score(xt, xv, train, val, k: int, seed: int, draw: int, cost: float, classes=()) -> float:
+    """Val accuracy (single-label) or mAP (multi-label) of one draw at one cost, in percent."""
+    if "targets" not in train:
+        rows = low_shot_draw(train["labels"], k, seed, draw)
+        clf = _svc(cost).fit(xt[rows], train["labels"][rows])
+        return 100.0 * float((clf.predict(xv) == val["labels"]).mean())
+    aps = []
+    for c in classes:
+        rows = low_shot_multilabel_draw(train["targets"], c, k, seed, draw)
+        clf = _svc(cost, True).fit(xt[rows], train["targets"][rows, c])
+        aps.append(_ap(val["targets"][:, c], clf.decision_function(xv)))
+    return 100.0 * float(np.mean(aps))
+
+
 def low_shot(train: Dict[str, np.ndarray], val: Dict[str, np.ndarray], ks, draws: int, costs,
-             seed: int = 0) -> List[Dict]:
+             seed: int = 0, classes=()) -> List[Dict]:
+    """``classes``: the multi-label classes scored (those the full protocol kept)."""
     xt, xv = normalise(train["feats"]), normalise(val["feats"])
     out = []
     for k in ks:
         acc = np.zeros((len(costs), draws))
         for d in range(draws):
-            rows = low_shot_draw(train["labels"], k, seed, d)
             for i, c in enumerate(costs):
-                clf = _svc(c).fit(xt[rows], train["labels"][rows])
-                acc[i, d] = 100.0 * float((clf.predict(xv) == val["labels"]).mean())
+                acc[i, d] = _low_shot_score(xt, xv, train, val, k, seed, d, c, classes)
         best = int(np.argmax(acc.mean(1)))
         out.append({"k": int(k), "cost": float(costs[best]), "mean": float(acc[best].mean()),
                     "std": float(acc[best].std()), "draws": acc[best].tolist()})
@@ -213,13 +280,30 @@ def run_svm(cfg: Config, checkpoint: str, out_dir: str, env: Optional[DistEnv] =
     val = extract(cfg, checkpoint, cfg.data.val_split, env, out_dir)
     if env.rank != 0:
         return {}
+    from loaders import build_source
+
+    sets = {sp: build_source(cfg, sp, DistEnv()).label_sets for sp in (cfg.data.train_split, cfg.data.val_split)}
+    multi = any(v is not None for v in sets.values())
+    if multi:  # VOC-style: every label of each sample, as +1 / -1 targets
+        n_cls = cfg.data.num_classes or 1 + max(int(max(s)) for v in sets.values() if v for s in v)
+        for split, part in ((cfg.data.train_split, train), (cfg.data.val_split, val)):
+            label_sets = sets[split] or [np.array([int(y)]) for y in build_source(cfg, split, DistEnv()).labels]
+            part["targets"] = label_matrix(label_sets, part["index"], n_cls)
     costs = tuple(s.costs)
     res = {"checkpoint": checkpoint, "feature": s.feature, "train_n": int(len(train["labels"])),
-           "val_n": int(len(val["labels"])), "dims": int(train["feats"].shape[1])}
-    res["svm"] = svm_accuracy(train, val, costs, seed=cfg.seed)
-    log0(env, f"svm: accuracy {res['svm']['accuracy']:.2f}% at C={res['svm']['cost']:g} "
-              f"(3-fold CV {100 * res['svm']['cv_accuracy']:.2f}%)")
-    res["low_shot"] = low_shot(train, val, s.low_shot, s.draws, costs, seed=cfg.seed) if s.low_shot else []
+           "val_n": int(len(val["labels"])), "dims": int(train["feats"].shape[1]), "multi_label": multi}
+    if multi:
+        res["svm"] = svm_map(train, val, costs, seed=cfg.seed)
+        res["svm"]["accuracy"] = res["svm"]["map"]  # the headline figure: mAP for multi-label data
+        res["svm"]["cost"] = float(np.median([p["cost"] for p in res["svm"]["per_class"]]))
+        log0(env, f"svm: mAP {res['svm']['map']:.2f}% over {len(res['svm']['per_class'])} classes "
+                  "(a cost per class by 3-fold CV AP)")
+    else:
+        res["svm"] = svm_accuracy(train, val, costs, seed=cfg.seed)
+        log0(env, f"svm: accuracy {res['svm']['accuracy']:.2f}% at C={res['svm']['cost']:g} "
+                  f"(3-fold CV {100 * res['svm']['cv_accuracy']:.2f}%)")
+    kept = [p["class"] for p in res["svm"].get("per_class", [])]
+    res["low_shot"] = low_shot(train, val, s.low_shot, s.draws, costs, seed=cfg.seed, classes=kept) if s.low_shot else []
     for r in res["low_shot"]:
         log0(env, f"svm: low-shot k={r['k']}: {r['mean']:.2f} +- {r['std']:.2f}% (C={r['cost']:g})")
     tmp = os.path.join(out_dir, "svm.json.tmp")

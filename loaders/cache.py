@@ -52,6 +52,7 @@ class CachedSource(Source):
             raise ValueError(f"cache mode must be 'part' or 'full', got {mode!r}")
         self.base, self.mode = base, mode
         self.labels, self.names, self.origin = base.labels, base.names, base.origin
+        self.label_sets = getattr(base, "label_sets", None)
         n = len(base)
         self.indices = np.arange(n, dtype=np.int64) if mode == "full" else np.arange(rank, n, world, dtype=np.int64)
         # slot[i] = position of global index i in this cache, or -1 when not cached here

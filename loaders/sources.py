@@ -23,7 +23,7 @@ import struct
 import sys
 import zipfile
 import zlib
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -75,11 +75,14 @@ def check_encoded(buf, where: str) -> None:
 
 
 class Source:
-    """Common interface: ``len``, ``labels``, ``names``, ``read(i)`` and ``describe(i)``."""
+    """Common interface: ``len``, ``labels``, ``names``, ``read(i)`` and ``describe(i)``.
+    ``label_sets``: every label of each sample for multi-label (VOC-style) maps, else None;
+    ``labels`` then holds each sample's first label (what loaders, kNN and probes read)."""
 
     labels: np.ndarray  # (N,) int64
     names: List[str]
     origin: str
+    label_sets: Optional[List[np.ndarray]] = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -123,8 +126,21 @@ def _check_labels(labels: np.ndarray, where: Sequence[str], num_classes: int, on
 # --------------------------------------------------------------------------- zip
 
 
+def _parse_labels(text: str, where: str) -> List[int]:
+    """'3', or several labels 'l1,l2,...' / 'l1 l2 ...' (a multi-label, VOC-style line)."""
+    fields = [t for t in text.replace(",", " ").split() if t]
+    try:
+        out = [int(t) for t in fields]
+    except ValueError:
+        raise DataError(f"{where}: label {text!r} is not an integer (or a list of integers)") from None
+    if not out:
+        raise DataError(f"{where}: no label after the tab")
+    return out
+
+
 def _read_map(map_path: str):
-    names, labels, lines = [], [], []
+    """(names, first labels, map lines, label lists or None when every line has one label)."""
+    names, labels, lines, sets = [], [], [], []
     if not os.path.isfile(map_path):
         raise DataError(f"{map_path}: map file not found (zip layout needs <split>_map.txt)")
     with open(map_path, encoding="utf-8") as f:
@@ -134,15 +150,16 @@ def _read_map(map_path: str):
                 continue
             parts = line.split("\t")
             if len(parts) != 2:
-                raise DataError(f"{map_path}:{lineno}: expected 'relpath<TAB>label', got {line!r}")
-            try:
-                label = int(parts[1])
-            except ValueError:
-                raise DataError(f"{map_path}:{lineno}: label {parts[1]!r} is not an integer") from None
+                raise DataError(f"{map_path}:{lineno}: expected 'relpath<TAB>label' (or 'relpath<TAB>l1,l2,...'), "
+                                f"got {line!r}")
+            got = _parse_labels(parts[1], f"{map_path}:{lineno}")
             names.append(parts[0])
-            labels.append(label)
+            labels.append(got[0])
+            sets.append(got)
             lines.append(lineno)
-    return names, np.asarray(labels, dtype=np.int64), np.asarray(lines, dtype=np.int64)
+    multi = any(len(s) > 1 for s in sets)
+    return (names, np.asarray(labels, dtype=np.int64), np.asarray(lines, dtype=np.int64),
+            [np.asarray(s, dtype=np.int64) for s in sets] if multi else None)
 
 
 def _member_table(zip_path: str):
@@ -161,18 +178,28 @@ class ZipSource(Source):
     def __init__(self, zip_path: str, map_path: str, *, on_error: str = "raise", num_classes: int = 0):
         self.zip_path, self.map_path = zip_path, map_path
         self.origin = os.path.basename(zip_path)
-        names, labels, lines = _read_map(map_path)
+        names, labels, lines, sets = _read_map(map_path)
         if not names:
             raise DataError(f"{map_path}: empty dataset (no samples listed)")
         offsets, csizes, usizes, methods = self._locate(names, lines, on_error)
         keep = offsets >= 0
         where = [f"{map_path}:{ln} ({n})" for ln, n in zip(lines, names)]
         _check_labels(labels, where, num_classes, on_error, keep)
+        if sets is not None:  # every label of a multi-label line is checked too
+            for j in np.flatnonzero(keep):
+                bad = [int(v) for v in sets[j] if v < 0 or (num_classes > 0 and v >= num_classes)]
+                if bad:
+                    msg = f"{where[j]}: label {bad[0]} out of range"
+                    if on_error == "raise":
+                        raise DataError(msg + "; fix the label or set data.num_classes")
+                    log("skipping " + msg)
+                    keep[j] = False
         if not keep.any():
             raise DataError(f"{zip_path}: empty dataset (every sample was skipped)")
         self.skipped = int((~keep).sum())
         self.names = [n for n, k in zip(names, keep) if k]
         self.labels = labels[keep]
+        self.label_sets = None if sets is None else [s for s, k in zip(sets, keep) if k]
         self.map_lines = lines[keep]  # 1-based line of each kept sample in the map file
         self.offsets = offsets[keep]  # (N,) int64 byte offset of the member's data
         self.csizes = csizes[keep]
