@@ -7,8 +7,8 @@ FROM nvcr.io/nvidia/pytorch:25.10-py3
 WORKDIR /workspace/fastinst
 COPY requirements.txt .
 # The container's own torch/torchvision are kept (the code needs nothing newer than torch 2.4);
-# only DALI and the small pure-Python dependencies are added.
-RUN pip install --no-cache-dir nvidia-dali-cuda130==2.4.0 "pyyaml>=6.0" "numpy>=1.24" "pillow>=10.0"
+# only DALI, the small pure-Python dependencies and scikit-learn (launch.py svm) are added.
+RUN pip install --no-cache-dir nvidia-dali-cuda130==2.4.0 "pyyaml>=6.0" "numpy>=1.24" "pillow>=10.0" "scikit-learn>=1.3"
 COPY . .
 ENV PYTHONUNBUFFERED=1
 CMD ["python", "launch.py", "--help"]
