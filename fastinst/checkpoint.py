@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -253,13 +254,22 @@ def saved_world_size(path: str) -> int:
                                     "ckpt_* directory with a marker, e.g. the newest one in <run>/checkpoints")
 
 
+def _unsafe_globals(file: str) -> str:
+    """The globals a pickle names beyond torch's weights-only allowlist (torch >= 2.5), or ''."""
+    finder = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    try:
+        return ", ".join(finder(file)) if finder else ""
+    except Exception:
+        return ""
+
+
 def load_checkpoint(
     path: str,
     rank: int = 0,
     world_size: int = 1,
     map_location: Any = "cpu",
     *,
-    weights_only: bool = False,
+    weights_only: bool = True,
 ) -> Dict[str, Any]:
     """Load this rank's payload from the checkpoint directory ``path``.
 
@@ -267,8 +277,10 @@ def load_checkpoint(
     its marker is missing, the world size differs from the one that saved it, or the
     rank file is missing or unreadable.
 
-    ``weights_only=False`` by default because payloads hold non-tensor state (numpy RNG
-    state, resolved config); only load checkpoints you wrote yourself.
+    Payloads hold only tensors and plain types (RNG states as tensors and lists, the config
+    as a dict), so every file loads with ``torch.load(weights_only=True)``: a file whose pickle
+    would import or call anything else (a crafted or foreign file) is refused with a
+    `CheckpointError` before any of it runs. ``weights_only=False`` is for trusted files only.
     """
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory {path} does not exist")
@@ -288,6 +300,14 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint file {file} is missing (rank {rank} of {world_size})")
     try:
         record = torch.load(file, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+        if weights_only and "eights only load failed" in str(e):
+            raise CheckpointError(
+                f"checkpoint file {file} is refused: loading it would import or call "
+                f"{_unsafe_globals(file) or 'objects other than tensors and plain types'}; fastinst checkpoints "
+                "hold only tensors and plain types, so this file was not written by this fastinst (or comes "
+                "from a build before checkpoints became weights-only). Nothing in it was run") from None
+        raise CheckpointError(f"checkpoint file {file} is corrupt or unreadable: {type(e).__name__}: {e}") from e
     except Exception as e:  # torch raises several types for truncated / garbage files
         raise CheckpointError(
             f"checkpoint file {file} is corrupt or unreadable: {type(e).__name__}: {e}"

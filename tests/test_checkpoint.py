@@ -227,3 +227,24 @@ def test_two_process_gloo_save(tmp_path):
     names = [os.path.basename(p) for p in ck.list_complete(d)]
     assert names == ["ckpt_000000002", "ckpt_000000003"]
     assert sorted(os.listdir(ck.checkpoint_path(d, 3))) == [ck.MARKER, "rank0.pt", "rank1.pt"]
+
+
+class _RunsCode:
+    """Unpickling this would call os.makedirs(path): what a crafted checkpoint could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.makedirs, (self.path,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
+    ckpt = ck.save_checkpoint(str(tmp_path / "ck"), 3, {"w": torch.ones(2)}, rank=0, world_size=1)
+    assert torch.equal(ck.load_checkpoint(ckpt)["w"], torch.ones(2))  # a real one loads (weights-only)
+    ran = str(tmp_path / "this_ran")
+    rank_file = [os.path.join(ckpt, f) for f in os.listdir(ckpt) if f.endswith(".pt")][0]
+    torch.save({"payload": {"w": _RunsCode(ran)}, "rank": 0, "world_size": 1}, rank_file)
+    with pytest.raises(ck.CheckpointError, match=r"is refused: loading it would import or call .*Nothing in it was run"):
+        ck.load_checkpoint(ckpt)
+    assert not os.path.exists(ran)
