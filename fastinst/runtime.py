@@ -47,18 +47,39 @@ class DistEnv:
         return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
+def set_compute_threads(local_world: int) -> str:
+    """torch's intra-op threads: this process's share of the cores it may use (its affinity
+    divided by the ranks on this node), unless OMP_NUM_THREADS is set (by the user, or by
+    torchrun, which sets 1 only when a node runs several processes: a node with one process
+    would otherwise take every core however many nodes share a machine). The loader's own
+    threads and worker processes are not in this budget: loader.num_threads / num_workers
+    default to the same share each (loaders/base.py default_threads). Returns a log line."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if os.environ.get("OMP_NUM_THREADS"):
+        return (f"torch threads: {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}; "
+                f"{cores} cores available)")
+    n = max(1, cores // max(1, local_world))
+    torch.set_num_threads(n)
+    return (f"torch threads: {n} = {cores} cores available / {local_world} local rank(s) (set OMP_NUM_THREADS to "
+            "override; loader threads and workers are counted separately, the same share each)")
+
+
 def init_distributed() -> DistEnv:
     """torchrun's environment only. Under torchrun the process group is initialised even for
-    one process (the same code path); without MASTER_ADDR the run is one process."""
+    one process (the same code path); without MASTER_ADDR the run is one process. Sets torch's
+    intra-op threads (`set_compute_threads`) and logs the choice on rank 0."""
     env = os.environ
     cuda = torch.cuda.is_available()
     base = DistEnv.from_env()
+    threads = set_compute_threads(base.local_world)
     device = torch.device("cuda", base.local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if "MASTER_ADDR" in env and "WORLD_SIZE" in env and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", init_method="env://")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (base.rank, base.world)
+    if rank == 0:
+        print(threads, flush=True)
     return DistEnv(rank, world, base.local_rank, base.local_world, device)
 
 

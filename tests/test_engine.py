@@ -2,6 +2,8 @@
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -240,3 +242,20 @@ def test_shipped_npid_configs_match_the_seeds():
     fm = load_config(os.path.join(ROOT, "configs", "npid_fmnist.yaml"))
     assert (fm.method.npid.K, fm.method.npid.loss, fm.method.npid.T, fm.train.weight_decay) == (0, "softmax", 0.1, 5e-4)
     assert fm.aug.crops[0].size == fm.aug.eval_crop == 28 and fm.eval.at_start
+
+
+def test_compute_threads_are_this_processes_share_of_the_cores():
+    """Without OMP_NUM_THREADS each process takes cores / local ranks intra-op threads (one
+    process per node on a shared machine must not take every core); with it, nothing changes."""
+    code = ("import os, torch; from fastinst.runtime import set_compute_threads; "
+            "line = set_compute_threads(int(os.environ['LOCAL'])); print(torch.get_num_threads(), '|', line)")
+    cores = len(os.sched_getaffinity(0))
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    for local in (1, 2, 64):
+        out = subprocess.run([sys.executable, "-c", code], env={**env, "LOCAL": str(local)}, cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout
+        n, line = out.split("|")
+        assert int(n) == max(1, cores // local) and f"{cores} cores available / {local} local rank(s)" in line
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "LOCAL": "1", "OMP_NUM_THREADS": "1"}, cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.startswith("1 |") and "OMP_NUM_THREADS=1" in out
