@@ -235,6 +235,9 @@ class TrainConfig:
     log_every: int = 50  # steps
     eval_every: int = 1  # epochs; 0 = no kNN evaluation during training
     ckpt_every: int = 1  # epochs; 0 = only at the end
+    # > 0: also a checkpoint when this many minutes passed since the last one (decided on rank 0
+    # at a log step and broadcast, so every rank saves the same step).
+    ckpt_minutes: float = 0.0
     keep: int = 3  # complete checkpoints kept on disk
     # Consecutive steps with a non-finite loss (skipped: no optimiser step, no bank update)
     # before the run stops; the last good checkpoint is left untouched.
@@ -252,6 +255,7 @@ class TrainConfig:
         check(0.0 <= self.warmup_epochs < self.epochs, "train.warmup_epochs", "must lie in [0, train.epochs)")
         check(self.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = off)")
         check(self.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
+        check(self.ckpt_minutes >= 0, "train.ckpt_minutes", "must be >= 0 (0 = off)")
         check_run_keys(self, "train", "a checkpoint directory")
 
 

@@ -36,7 +36,7 @@ from .methods.base import Method, Stage, default_step, unwrap
 from .metrics import Meter, MetricsLog, expected, progress
 from .model import autocast_context, make_grad_scaler
 from .runtime import DistEnv, init_distributed, log0, rng_state, seed_process, set_rng_state
-from .schedule import Clock
+from .schedule import Clock, Preemption
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,6 +68,7 @@ class Trainer:
     opt_steps: Dict[str, int] = field(default_factory=dict)  # steps of the stages using each optimiser
     eval_s: Optional[float] = None  # wall seconds of the last kNN evaluation (for the run's ETA)
     eta_printed: bool = False
+    preempted: bool = False  # stopped by SIGTERM / SIGUSR1 after a checkpoint
 
     @property
     def ckpt_dir(self) -> str:
@@ -269,8 +270,9 @@ def _evaluate(tr: Trainer, log: MetricsLog, epoch: int, init: bool = False) -> N
                  + (" (recomputed features)" if init else ""))
 
 
-def _train_loop(tr: Trainer, log: MetricsLog) -> None:
+def _train_loop(tr: Trainer, log: MetricsLog, pre: Optional[Preemption] = None) -> None:
     clock, loader, meter = tr.clock, tr.loader, Meter(tr.cfg.loader.batch_size)
+    pre = pre or Preemption(0.0)
     if tr.cfg.eval.at_start and tr.step == 0:
         _evaluate(tr, log, 0, init=True)  # the bank is still random: the network itself
     started = False
@@ -288,6 +290,16 @@ def _train_loop(tr: Trainer, log: MetricsLog) -> None:
             meter.step(loss, ok)
             if tr.step % tr.cfg.train.log_every == 0:
                 _log_step(tr, log, meter, stage, epoch, loss, ok)
+                save, stop = pre.due(tr.env)
+                if save:
+                    with meter.paused():
+                        path = tr.save()
+                        pre.saved()
+                    log0(tr.env, f"{'preempted (signal)' if stop else 'time-based save'}: checkpoint {path} at step "
+                                 f"{tr.step} (epoch {epoch}, batch {loader.next_batch})")
+                    if stop:
+                        tr.preempted = True
+                        return
             if clock.stops(tr.step):
                 break
             meter.waiting()
@@ -298,6 +310,7 @@ def _train_loop(tr: Trainer, log: MetricsLog) -> None:
                 _evaluate(tr, log, done)
             if due.save:
                 tr.save()
+                pre.saved()
 
 
 def train(cfg: Config, out_dir: str, resume: Optional[str] = None) -> Trainer:
@@ -318,7 +331,8 @@ def train(cfg: Config, out_dir: str, resume: Optional[str] = None) -> Trainer:
                   + (f" ({tr.epoch_scale:.3g} loader epochs per pass over the data)" if tr.epoch_scale != 1 else ""))
     log = MetricsLog(out_dir, env.rank, tr.step if path is not None else None)
     try:
-        _train_loop(tr, log)
+        with Preemption(cfg.train.ckpt_minutes) as pre:
+            _train_loop(tr, log, pre)
     finally:
         log.close()
         tr.close_loaders()  # stop loader worker processes now, not at garbage collection

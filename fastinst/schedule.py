@@ -6,13 +6,19 @@ configured lengths (in passes over the data) into loader epochs and steps, tells
 a loader epoch belongs to, and decides after each loader epoch whether to evaluate, save or
 stop; it holds the epoch-scale arithmetic of PIC's sliding window (one loader epoch is one
 window, N/window of them make a pass, and PIC's main_pretrain.py rounds epochs and warm-up up
-to whole windows).
+to whole windows). `Preemption` adds the saves that are not on epoch boundaries: on SIGTERM /
+SIGUSR1 (then stop) and every ``train.ckpt_minutes``.
 """
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
+
+import torch
+
+from .runtime import DistEnv
 
 
 @dataclass(frozen=True)
@@ -133,3 +139,48 @@ class Clock:
             return 0
         last = self.passes(self.loader_epochs)
         return len({p for p in range(self.passes(epoch) + 1, last + 1) if p % self.eval_every == 0} | {last})
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 (SLURM's preemption and time-limit signals) set a flag; at the next log
+    step every rank learns whether any rank got one, or whether ``train.ckpt_minutes`` passed
+    on rank 0 (one small all-reduce there, none per step), and the loop then saves; after a
+    signal it also stops, and the process exits 0 with the run resumable from that step."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self, minutes: float):
+        self.minutes, self.signalled, self.last_save = minutes, False, time.monotonic()
+        self._old = {}
+
+    def __enter__(self) -> "Preemption":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # handlers only install there
+            for name in self.SIGNALS:
+                if hasattr(signal, name):
+                    sig = getattr(signal, name)
+                    self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum, frame) -> None:
+        self.signalled = True
+
+    def due(self, env: DistEnv) -> tuple:
+        """(save now, stop after saving), the same on every rank."""
+        timed = env.rank == 0 and self.minutes > 0 and time.monotonic() - self.last_save >= 60.0 * self.minutes
+        flags = torch.tensor([float(self.signalled), float(timed)], device=env.device)
+        if env.world > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        signalled, timed = (bool(v) for v in flags.tolist())  # host read: log steps only
+        return signalled or timed, signalled
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()

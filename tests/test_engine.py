@@ -259,3 +259,48 @@ def test_compute_threads_are_this_processes_share_of_the_cores():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "LOCAL": "1", "OMP_NUM_THREADS": "1"}, cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     assert out.startswith("1 |") and "OMP_NUM_THREADS=1" in out
+
+
+def _launch_train(cfg_path, out, *over):
+    return [sys.executable, os.path.join(ROOT, "launch.py"), "train", "--config", cfg_path, "--out", out, *over]
+
+
+def test_sigterm_saves_mid_epoch_exits_0_and_resumes_to_the_same_run(colours, tmp_path):
+    """SIGTERM mid-epoch: the step finishes, a checkpoint is written at the next log step, the
+    process exits 0; resuming finishes with the bank and weights of the uninterrupted run."""
+    import signal
+
+    from fastinst.config import save_config
+
+    cfg_path = str(tmp_path / "c.yaml")
+    save_config(tiny_cfg(colours, "train.epochs=3", "method.npid.loss=nce"), cfg_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = str(tmp_path / "straight")
+    subprocess.run(_launch_train(cfg_path, straight), env=env, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    cut = str(tmp_path / "cut")
+    proc = subprocess.Popen(_launch_train(cfg_path, cut), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("ep 2/3") and "step 6 (" in line:  # mid-epoch 2 (4 steps per epoch)
+            proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0, "".join(lines[-20:])
+    said = [ln for ln in lines if ln.startswith("preempted (signal): checkpoint")]
+    assert len(said) == 1, "".join(lines[-20:])
+    step = int(said[0].split(" at step ")[1].split()[0])
+    assert 6 <= step < 12 and step % 4 != 0, said  # mid-epoch, after the signal, before the end
+    assert os.path.basename(find_latest_complete(os.path.join(cut, "checkpoints"))) == f"ckpt_{step:09d}"
+    subprocess.run(_launch_train(cfg_path, cut), env=env, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    a, b = (load_checkpoint(find_latest_complete(os.path.join(d, "checkpoints"))) for d in (straight, cut))
+    assert a["step"] == b["step"] == 12
+    torch.testing.assert_close(b["method"]["bank.shard"], a["method"]["bank.shard"], rtol=1e-5, atol=1e-6)
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_time_based_saves_land_between_epochs(colours, tmp_path):
+    out = str(tmp_path / "run")
+    tr = engine.train(tiny_cfg(colours, "train.ckpt_minutes=0.000001", "train.keep=20"), out)
+    steps = sorted(int(d.split("_")[1]) for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith("ckpt_"))
+    assert steps == list(range(1, 9)) and not tr.preempted  # every log step (log_every=1), and it ran to the end
