@@ -173,6 +173,17 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _record(fn):
+    """torch.distributed.elastic's ``@record``: a failing rank's traceback goes to the error file
+    torchrun names (TORCHELASTIC_ERROR_FILE) and into torchrun's failure summary."""
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import record
+    except ImportError:
+        return fn
+    return record(fn)
+
+
+@_record
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="launch.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

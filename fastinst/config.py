@@ -334,6 +334,18 @@ class LinearConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DistConfig:
+    """torch.distributed settings (torchrun sets the rest: ranks, rendezvous, restarts)."""
+
+    # How long a collective waits for every rank before the job fails (and torchrun, with
+    # --max-restarts, restarts it): long enough for a kNN over 1.28M rows or a large checkpoint.
+    timeout_minutes: float = 60.0
+
+    def __post_init__(self):
+        check(self.timeout_minutes > 0, "dist.timeout_minutes", "must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
 class SVMConfig:
     """Linear SVMs on frozen features (``launch.py svm``, fastinst/svm.py): MMSelfSup's VOC07
     SVM protocol with scikit-learn's LinearSVC."""
@@ -367,6 +379,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
     svm: SVMConfig = field(default_factory=SVMConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     @classmethod
     def field_types(cls) -> dict:

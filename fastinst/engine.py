@@ -315,7 +315,7 @@ def _train_loop(tr: Trainer, log: MetricsLog, pre: Optional[Preemption] = None) 
 
 def train(cfg: Config, out_dir: str, resume: Optional[str] = None) -> Trainer:
     """Train on this rank (call on every rank); returns the trainer (tests inspect its state)."""
-    env = init_distributed()
+    env = init_distributed(cfg.dist.timeout_minutes)
     os.makedirs(out_dir, exist_ok=True)
     tr = build_trainer(cfg, out_dir, env)
     path = resolve_resume(resume or cfg.train.resume, tr.ckpt_dir)
@@ -341,7 +341,7 @@ def train(cfg: Config, out_dir: str, resume: Optional[str] = None) -> Trainer:
 
 def evaluate_checkpoint(cfg: Config, path: str) -> Dict[str, float]:
     """kNN accuracy of a saved checkpoint (``launch.py eval``); same world size as the save."""
-    env = init_distributed()
+    env = init_distributed(cfg.dist.timeout_minutes)
     tr = build_trainer(cfg, os.path.dirname(os.path.abspath(path)), env)
     try:
         state = load_checkpoint(path, rank=env.rank, world_size=env.world)

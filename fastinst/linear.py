@@ -328,7 +328,7 @@ def linear_probe(cfg: Config, checkpoint: str, out_dir: str) -> Dict[str, Any]:
     """Train and evaluate a linear classifier on the frozen trunk of ``checkpoint`` (every rank).
     Returns the last evaluation: top1, top5 (percent), val_loss, val_n, train_loss, train_top1,
     best_top1, epoch (fractional after a max_steps stop), step."""
-    env = init_distributed()
+    env = init_distributed(cfg.dist.timeout_minutes)
     os.makedirs(out_dir, exist_ok=True)
     p = build_probe(cfg, checkpoint, out_dir, env)
     try:

@@ -274,7 +274,7 @@ def plot_low_shot(curves: Dict[str, List[Dict]], path: str, title: str = "") -> 
 def run_svm(cfg: Config, checkpoint: str, out_dir: str, env: Optional[DistEnv] = None) -> Dict:
     """``launch.py svm``: features of the train and val splits, the SVM accuracy, the low-shot
     curve; ``svm.json`` in ``out_dir`` (rank 0 fits, the others only extract)."""
-    env = env or init_distributed()
+    env = env or init_distributed(cfg.dist.timeout_minutes)
     s = cfg.svm
     train = extract(cfg, checkpoint, cfg.data.train_split, env, out_dir)
     val = extract(cfg, checkpoint, cfg.data.val_split, env, out_dir)

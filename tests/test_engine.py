@@ -304,3 +304,76 @@ def test_time_based_saves_land_between_epochs(colours, tmp_path):
     tr = engine.train(tiny_cfg(colours, "train.ckpt_minutes=0.000001", "train.keep=20"), out)
     steps = sorted(int(d.split("_")[1]) for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith("ckpt_"))
     assert steps == list(range(1, 9)) and not tr.preempted  # every log step (log_every=1), and it ran to the end
+
+
+def _children(pid: int):
+    """Process ids whose parent is ``pid`` (from /proc)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def _local_rank(pid: int):
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        return int(env[b"LOCAL_RANK"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+@pytest.mark.slow
+def test_elastic_restart_after_a_killed_worker_resumes_to_the_same_run(colours, tmp_path):
+    """torchrun --max-restarts=2, 2 gloo ranks: rank 1 SIGKILLed in epoch 2; torchrun restarts the
+    group, every rank resumes from the newest complete checkpoint (train.resume=auto) and the run
+    ends with the bank and weights of an uninterrupted 2-rank run."""
+    import signal
+
+    from fastinst.config import save_config
+
+    cfg_path = str(tmp_path / "c.yaml")
+    save_config(tiny_cfg(colours, "train.epochs=3", "loader.batch_size=4", "train.lr_batch=8"), cfg_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=2"]
+    straight, cut = str(tmp_path / "straight"), str(tmp_path / "cut")
+    subprocess.run(run + _launch_train(cfg_path, straight)[1:], env=env, cwd=ROOT, check=True, capture_output=True,
+                   timeout=300)
+    proc = subprocess.Popen(run + _launch_train(cfg_path, cut)[1:], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines, killed = [], None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if killed is None and line.startswith("ep 2/3") and "step 6 (" in line:
+                # torchrun -> its agent process tree -> the workers; rank 1 is the one with LOCAL_RANK=1
+                parent, frontier = {}, [proc.pid]
+                while frontier:
+                    kids = [(c, p) for p in frontier for c in _children(p)]
+                    parent.update(kids)
+                    frontier = [c for c, _ in kids]
+                # the worker itself, not its DataLoader workers (forked children with its environment)
+                victims = [p for p in parent if _local_rank(p) == 1 and _local_rank(parent[p]) != 1]
+                assert victims, "no worker with LOCAL_RANK=1 found"
+                killed = victims[0]
+                os.kill(killed, signal.SIGKILL)
+        assert proc.wait(timeout=300) == 0, "".join(lines[-30:])
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = "".join(lines)
+    assert killed is not None and "resumed from" in text and "ckpt_000000004" in text.split("resumed from", 1)[1]
+    a, b = (load_checkpoint(find_latest_complete(os.path.join(d, "checkpoints")), rank=1, world_size=2)
+            for d in (straight, cut))
+    assert a["step"] == b["step"] == 12
+    torch.testing.assert_close(b["method"]["bank.shard"], a["method"]["bank.shard"], rtol=1e-5, atol=1e-6)
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-5, atol=1e-6, msg=k)
