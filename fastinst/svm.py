@@ -280,14 +280,18 @@ def run_svm(cfg: Config, checkpoint: str, out_dir: str, env: Optional[DistEnv] =
     val = extract(cfg, checkpoint, cfg.data.val_split, env, out_dir)
     if env.rank != 0:
         return {}
-    from loaders import build_source
+    from loaders.sources import open_source
 
-    sets = {sp: build_source(cfg, sp, DistEnv()).label_sets for sp in (cfg.data.train_split, cfg.data.val_split)}
-    multi = any(v is not None for v in sets.values())
+    d = cfg.data  # the labels only: no RAM cache is built for them
+    srcs = {sp: open_source(d.path, sp, on_error=d.on_error, num_classes=d.num_classes, classes=d.classes)
+            for sp in (d.train_split, d.val_split)}
+    multi = any(src.label_sets is not None for src in srcs.values())
     if multi:  # VOC-style: every label of each sample, as +1 / -1 targets
-        n_cls = cfg.data.num_classes or 1 + max(int(max(s)) for v in sets.values() if v for s in v)
-        for split, part in ((cfg.data.train_split, train), (cfg.data.val_split, val)):
-            label_sets = sets[split] or [np.array([int(y)]) for y in build_source(cfg, split, DistEnv()).labels]
+        n_cls = d.num_classes or 1 + max(int(lab.max()) for src in srcs.values() if src.label_sets
+                                         for lab in src.label_sets)
+        for split, part in ((d.train_split, train), (d.val_split, val)):
+            src = srcs[split]
+            label_sets = src.label_sets or [np.array([int(y)]) for y in src.labels]
             part["targets"] = label_matrix(label_sets, part["index"], n_cls)
     costs = tuple(s.costs)
     res = {"checkpoint": checkpoint, "feature": s.feature, "train_n": int(len(train["labels"])),
