@@ -112,10 +112,20 @@ class Source:
 
 
 def _check_labels(labels: np.ndarray, where: Sequence[str], num_classes: int, on_error: str,
-                  keep: np.ndarray) -> None:
-    bad = (labels < 0) | ((labels >= num_classes) if num_classes > 0 else False)
-    for j in np.flatnonzero(bad & keep):
-        msg = f"{where[j]}: label {labels[j]} out of range"
+                  keep: np.ndarray, sets: Optional[List[np.ndarray]] = None) -> None:
+    """Labels outside [0, num_classes) (or < 0): raise naming the line, or leave the sample out.
+    ``sets``: every label of each multi-label line, all of them checked."""
+    if sets is None:
+        values, owner = labels, np.arange(len(labels))
+    else:
+        values = np.concatenate(sets)
+        owner = np.repeat(np.arange(len(sets)), [len(s) for s in sets])
+    bad = (values < 0) | ((values >= num_classes) if num_classes > 0 else False)
+    for i in np.flatnonzero(bad):
+        j = owner[i]
+        if not keep[j]:
+            continue  # already left out (or reported for an earlier label of its line)
+        msg = f"{where[j]}: label {values[i]} out of range"
         msg += f" [0, {num_classes})" if num_classes > 0 else " (labels must be >= 0)"
         if on_error == "raise":
             raise DataError(msg + "; fix the label or set data.num_classes")
@@ -184,16 +194,7 @@ class ZipSource(Source):
         offsets, csizes, usizes, methods = self._locate(names, lines, on_error)
         keep = offsets >= 0
         where = [f"{map_path}:{ln} ({n})" for ln, n in zip(lines, names)]
-        _check_labels(labels, where, num_classes, on_error, keep)
-        if sets is not None:  # every label of a multi-label line is checked too
-            for j in np.flatnonzero(keep):
-                bad = [int(v) for v in sets[j] if v < 0 or (num_classes > 0 and v >= num_classes)]
-                if bad:
-                    msg = f"{where[j]}: label {bad[0]} out of range"
-                    if on_error == "raise":
-                        raise DataError(msg + "; fix the label or set data.num_classes")
-                    log("skipping " + msg)
-                    keep[j] = False
+        _check_labels(labels, where, num_classes, on_error, keep, sets)
         if not keep.any():
             raise DataError(f"{zip_path}: empty dataset (every sample was skipped)")
         self.skipped = int((~keep).sum())
