@@ -42,13 +42,19 @@ def resolve_pretrained(path: str) -> str:
                           "COMPLETE marker, or a run directory holding checkpoints/")
 
 
-def load_pretrained(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict], int, str]:
-    """(model state, saved config dict or None, step, resolved path) of a fastinst checkpoint.
-    The model is the same on every rank (DDP), so rank 0's file serves any world size."""
+def _rank0_payload(path: str) -> Tuple[dict, str]:
+    """(rank 0's payload, resolved path): the modules are the same on every rank (DDP), so rank
+    0's file serves any world size."""
     path = resolve_pretrained(path)
     payload = load_checkpoint(path, rank=0, world_size=saved_world_size(path), map_location="cpu")
     if not isinstance(payload.get("model"), dict):
         raise CheckpointError(f"checkpoint {path} has no 'model' state; is it a fastinst training checkpoint?")
+    return payload, path
+
+
+def load_pretrained(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict], int, str]:
+    """(model state, saved config dict or None, step, resolved path) of a fastinst checkpoint."""
+    payload, path = _rank0_payload(path)
     return payload["model"], payload.get("config"), int(payload.get("step", -1)), path
 
 
@@ -57,12 +63,10 @@ def load_trunks(path: str) -> Tuple[List[Tuple[str, Dict[str, torch.Tensor], Opt
     """([(module name, state, input-channel slice or None)], saved config, step, path): the
     trunks the method named in ``probe_trunks`` (one for most methods; CMC's L and ab), from
     the checkpoint's per-module states; a checkpoint without the list: its primary module."""
-    path = resolve_pretrained(path)
-    payload = load_checkpoint(path, rank=0, world_size=saved_world_size(path), map_location="cpu")
+    payload, path = _rank0_payload(path)
     named = payload.get("probe_trunks")
     if not named:
-        state, saved, step, path = load_pretrained(path)
-        return [("encoder", state, None)], saved, step, path
+        return [("encoder", payload["model"], None)], payload.get("config"), int(payload.get("step", -1)), path
     trunks = []
     for name, channels in named:
         if name not in (payload.get("modules") or {}):

@@ -186,17 +186,27 @@ class LinearProbe:
                                world_size=self.env.world, keep=self.cfg.linear.keep)
 
     def features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """What each head reads, fp32 (AMP inside the trunk only): ``avgpool`` [B, feature_dim],
-        or ``feat<k>`` [B, C_k, s_k, s_k] (stage k's map, adaptive-average-pooled to s_k)."""
-        x = x.to(self.env.device, non_blocking=True)
-        if self.amp == "off" and x.dtype != torch.float32:
-            x = x.float()  # loader.fp16 views without autocast
-        stages = self.cfg.linear.stages
-        with torch.no_grad(), autocast_context(self.env.device.type, self.amp):
-            if not stages:
-                return {"avgpool": self.backbone.backbone_features(x).float()}  # [B, feature_dim]
-            maps = self.backbone.stage_maps(x, stages)
-            return {f"feat{s}": F.adaptive_avg_pool2d(m.float(), STAGE_POOL[s]) for s, m in maps.items()}
+        """What each head reads (`frozen_features`)."""
+        names = [f"feat{s}" for s in self.cfg.linear.stages] or ["avgpool"]
+        return frozen_features(self.backbone, x.to(self.env.device, non_blocking=True), names, self.amp)
+
+
+@torch.no_grad()
+def frozen_features(backbone: nn.Module, x: torch.Tensor, names, amp: str) -> Dict[str, torch.Tensor]:
+    """The frozen trunk's features named ``names``, fp32 (AMP inside the trunk only):
+    ``avgpool`` [B, feature_dim] (the global pool), ``feat<k>`` [B, C_k, s_k, s_k] (stage k's
+    map, adaptive-average-pooled to STAGE_POOL[k]). The linear probe's heads and the SVMs read them."""
+    if amp == "off" and x.dtype != torch.float32:
+        x = x.float()  # loader.fp16 views without autocast
+    stages = [int(n[len("feat"):]) for n in names if n != "avgpool"]
+    out = {}
+    with autocast_context(x.device.type, amp):
+        if "avgpool" in names:
+            out["avgpool"] = backbone.backbone_features(x).float()
+        if stages:
+            for s, m in backbone.stage_maps(x, stages).items():
+                out[f"feat{s}"] = F.adaptive_avg_pool2d(m.float(), STAGE_POOL[s])
+    return out
 
 
 def build_probe(cfg: Config, checkpoint: str, out_dir: str, env: DistEnv) -> LinearProbe:

@@ -31,8 +31,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from .checkpoint import _atomic_write
 from .config import Config, to_dict
 from .runtime import DistEnv, derive_seed, init_distributed, log0
 
@@ -96,9 +96,9 @@ def extract(cfg: Config, checkpoint: str, split: str, env: DistEnv, out_dir: str
     """{feats [N, F] float32, labels [N], index [N]} of ``split`` (cached in ``out_dir``)."""
     from loaders import build_loader
 
-    from .linear import STAGE_POOL, build_frozen_backbone
-    from .model import autocast_context
     from .build import resolve_amp
+    from .evaluation import gather_rows
+    from .linear import build_frozen_backbone, frozen_features
 
     backbone, path, step = build_frozen_backbone(cfg, checkpoint, env)
     spec = {"checkpoint": os.path.realpath(path), "step": step, "feature": cfg.svm.feature, "split": split,
@@ -116,12 +116,7 @@ def extract(cfg: Config, checkpoint: str, split: str, env: DistEnv, out_dir: str
     try:
         for batch in loader:
             x = batch["views"][0].to(env.device, non_blocking=True)
-            with autocast_context(env.device.type, amp):
-                if cfg.svm.feature == "avgpool":
-                    f = backbone.backbone_features(x).float()
-                else:
-                    k = int(cfg.svm.feature[-1])
-                    f = F.adaptive_avg_pool2d(backbone.stage_maps(x, (k,))[k].float(), STAGE_POOL[k]).flatten(1)
+            f = frozen_features(backbone, x, [cfg.svm.feature], amp)[cfg.svm.feature].flatten(1)  # [B, F]
             feats.append(f.cpu())
             labels.append(batch["label"].cpu())
             index.append(batch["index"].cpu())
@@ -129,31 +124,14 @@ def extract(cfg: Config, checkpoint: str, split: str, env: DistEnv, out_dir: str
         loader.close()
     out = {"feats": torch.cat(feats), "labels": torch.cat(labels), "index": torch.cat(index)}
     if env.world > 1:
-        out = {k: _gather_rows(v, env) for k, v in out.items()}
+        out = {k: gather_rows(v.to(env.device), env.world).cpu() for k, v in out.items()}
     order = torch.argsort(out["index"])
     res = {k: v[order].numpy() for k, v in out.items()}
     if env.rank == 0:
         os.makedirs(out_dir, exist_ok=True)
-        tmp = cache + ".tmp.npz"
-        np.savez(tmp, tag=np.array(tag), **res)
-        os.replace(tmp, cache)
+        _atomic_write(cache, lambda f: np.savez(f, tag=np.array(tag), **res))
         log0(env, f"svm: {len(res['labels'])} {split} features of {res['feats'].shape[1]} dims -> {cache}")
     return res
-
-
-def _gather_rows(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """Every rank's rows concatenated (shards differ by at most one row: padded to the max)."""
-    import torch.distributed as dist
-
-    n = torch.tensor([x.shape[0]], device=env.device)
-    sizes = [torch.zeros_like(n) for _ in range(env.world)]
-    dist.all_gather(sizes, n)
-    m = int(max(s.item() for s in sizes))
-    pad = torch.zeros((m,) + tuple(x.shape[1:]), dtype=x.dtype, device=env.device)
-    pad[:x.shape[0]] = x.to(env.device)
-    parts = [torch.zeros_like(pad) for _ in range(env.world)]
-    dist.all_gather(parts, pad)
-    return torch.cat([p[:int(s.item())].cpu() for p, s in zip(parts, sizes)])
 
 
 # --------------------------------------------------------------------------- the SVMs
@@ -310,8 +288,5 @@ def run_svm(cfg: Config, checkpoint: str, out_dir: str, env: Optional[DistEnv] =
     res["low_shot"] = low_shot(train, val, s.low_shot, s.draws, costs, seed=cfg.seed, classes=kept) if s.low_shot else []
     for r in res["low_shot"]:
         log0(env, f"svm: low-shot k={r['k']}: {r['mean']:.2f} +- {r['std']:.2f}% (C={r['cost']:g})")
-    tmp = os.path.join(out_dir, "svm.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, "svm.json"))
+    _atomic_write(os.path.join(out_dir, "svm.json"), lambda f: f.write(json.dumps(res, indent=2).encode()))
     return res

@@ -42,20 +42,20 @@ GOALS = {  # figure -> (goal, direction): DESIGN.md's goals for one H200
 
 
 def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU ({os.cpu_count()} cores, no GPU)"
+    """The device this process measures on (step_time's wording, so the tables agree)."""
+    import step_time
+
+    return step_time.device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 SMOKE = False  # set by main(): every JSON says whether its figures are toy-size smoke output
 
 
 def write(out: str, part: str, res: dict, md: str = "") -> dict:
+    from fastinst.checkpoint import _atomic_write
+
     res = {"part": part, "device": device_name(), "torch": torch.__version__, "smoke": SMOKE, **res}
-    tmp = os.path.join(out, f"{part}.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=2)
-    os.replace(tmp, os.path.join(out, f"{part}.json"))
+    _atomic_write(os.path.join(out, f"{part}.json"), lambda f: f.write(json.dumps(res, indent=2).encode()))
     if md:
         with open(os.path.join(out, f"{part}.md"), "w") as f:
             f.write(md)
