@@ -76,9 +76,8 @@ class Trainer:
 
     @property
     def model(self) -> nn.Module:
-        """The primary trained module (``encoder``, the one linear probes and exports read)."""
-        nets = self.method.trained_modules()
-        return nets.get("encoder", next(iter(nets.values())))
+        """The primary trained module (`Method.primary`)."""
+        return self.method.trained_modules()[self.method.primary]
 
     @property
     def nonfinite(self) -> int:
@@ -101,10 +100,11 @@ class Trainer:
     def state_dict(self) -> dict:
         nets = {n: unwrap(m).state_dict() for n, m in self.method.trained_modules().items()}
         opts = {n: o.state_dict() for n, o in self.optimizers.items()}
-        primary = "encoder" if "encoder" in nets else next(iter(nets))
+        primary = self.method.primary
+        guard = self.guard.read()  # one host read for both counts
         return {"modules": nets, "model": nets[primary], "optimizers": opts, "optimizer": next(iter(opts.values())),
                 "opt_steps": dict(self.opt_steps), "scaler": self.scaler.state_dict(), "step": self.step,
-                "nonfinite": self.nonfinite, "skipped": self.skipped, "loader": self.loader.state_dict(),
+                "nonfinite": guard["streak"], "skipped": guard["total"], "loader": self.loader.state_dict(),
                 "method": self.method.state_dict(), "rng": rng_state(), "config": to_dict(self.cfg),
                 "probe_trunks": [[n, None if c is None else list(c)] for n, c in self.method.probe_trunks()]}
 

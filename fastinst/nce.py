@@ -225,6 +225,7 @@ class NPIDLoss(torch.nn.Module):
             if loss == "nce" else None
         self._gen: Optional[torch.Generator] = None
         self._pending_rng: Optional[torch.Tensor] = None
+        self._z_before: Optional[torch.Tensor] = None  # Z before this step's update (NCE)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if self._gen is None or self._gen.device != device:
@@ -239,6 +240,13 @@ class NPIDLoss(torch.nn.Module):
 
     def set_extra_state(self, state: dict) -> None:
         self._gen, self._pending_rng = None, state.get("rng")
+
+    @torch.no_grad()
+    def keep_z_if(self, ok: torch.Tensor) -> None:
+        """Keep the Z this step's forward estimated only where the 0-dim bool ``ok`` holds; else
+        put the previous one back (a non-finite step leaves no trace), on the device."""
+        if self.nce is not None and self._z_before is not None:
+            self.nce.z.copy_(torch.where(ok, self.nce.z, self._z_before))
 
     def draw_noise(self, global_batch: int, device) -> Optional[torch.Tensor]:
         """This step's noise rows ([K] shared or [B_global, K]; None for the full softmax), the
@@ -264,6 +272,8 @@ class NPIDLoss(torch.nn.Module):
                 if noise is None:
                     noise = self.draw_noise(index_g.shape[0], device)
                 dots = sampled_dots(bank, feats_g, index_g, noise)  # [B, 1+K]
+                if self.nce is not None:
+                    self._z_before = self.nce.z.detach().clone()  # Z moves inside the loss
                 loss = self.nce(dots) if self.nce is not None \
                     else softmax_ce(dots, self.temperature)
         return NPIDLossOutput(loss, feats_g.detach(), index_g)

@@ -128,11 +128,16 @@ class Method(nn.Module):
         kNN without a recompute pass, or None (the engine then recomputes)."""
         return None
 
+    @property
+    def primary(self) -> str:
+        """The primary trained module's name: ``encoder``, else the first (a checkpoint's
+        ``model``, what kNN, probes and exports of one-trunk methods read)."""
+        return "encoder" if "encoder" in self.nets else next(iter(self.nets))
+
     def probe_trunks(self) -> List[Tuple[str, Optional[Tuple[int, int]]]]:
         """The trunks a linear probe reads, in order, each with the slice of input channels it
         takes (None: all): the probe's features are their pooled features concatenated."""
-        name = "encoder" if "encoder" in self.nets else next(iter(self.nets))
-        return [(name, None)]
+        return [(self.primary, None)]
 
     def knn_embed(self, x: torch.Tensor) -> torch.Tensor:
         """The embedding kNN evaluation uses: the encoder's (outside DDP)."""

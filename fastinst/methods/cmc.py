@@ -27,11 +27,12 @@ from typing import Literal, Optional
 
 import torch
 
-from ..config import ConfigError, check
+from ..config import ConfigError
 from ..memory import ShardedMemoryBank
 from ..nce import NPIDLoss
 from . import register
 from .base import BuildContext, Method, check_row_layout, unwrap
+from .npid import check_bank_loss_keys
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,12 +51,7 @@ class CMCConfig:
     z_ema: float = 0.99
 
     def __post_init__(self):
-        check(self.K >= 0, "method.cmc.K", "must be >= 0 (0 = full softmax)")
-        check(not (self.loss == "nce" and self.K == 0), "method.cmc.K",
-              "is 0 (full softmax) but method.cmc.loss=nce; set method.cmc.loss=softmax or K > 0")
-        check(self.T > 0, "method.cmc.T", "temperature must be > 0 (CMC uses 0.07)")
-        check(0.0 <= self.momentum < 1.0, "method.cmc.momentum", "must lie in [0, 1) (CMC uses 0.5)")
-        check(0.0 <= self.z_ema < 1.0, "method.cmc.z_ema", "must lie in [0, 1)")
+        check_bank_loss_keys(self, "cmc", "CMC")
 
 
 @register("cmc")
@@ -79,7 +75,6 @@ class CMC(Method):
                     z_momentum=z_momentum, seed=seed)
         self.crit_l, self.crit_ab = NPIDLoss(num_samples, **crit), NPIDLoss(num_samples, **crit)
         self.labels = None if labels is None else labels[self.bank_l.start:self.bank_l.end].clone()
-        self._z_before: list = []
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -111,8 +106,6 @@ class CMC(Method):
         index = batch["index"].to(device, non_blocking=True)  # [B] dataset rows
         x_l, x_ab = self._split(batch["views"][0].to(device, non_blocking=True))
         f_l, f_ab = self.nets["l"](x_l), self.nets["ab"](x_ab)  # [B, D] unit rows each
-        # Z of each direction is updated inside its loss: keep the old values for a NaN step.
-        self._z_before = [c.nce.z.detach().clone() for c in (self.crit_l, self.crit_ab) if c.nce is not None]
         noise = self.crit_l.draw_noise(index.shape[0] * self.bank_l.world_size, device)  # shared
         out_l = self.crit_l(f_l, index, self.bank_ab, noise)  # L scored against the ab bank
         out_ab = self.crit_ab(f_ab, index, self.bank_l, noise)  # ab scored against the L bank
@@ -125,9 +118,8 @@ class CMC(Method):
         banks stay and both Z are put back."""
         self.bank_l.update(out["index"], out["feats_l"], ok)  # [B_global], [B_global, D]
         self.bank_ab.update(out["index"], out["feats_ab"], ok)
-        crits = [c for c in (self.crit_l, self.crit_ab) if c.nce is not None]
-        for c, z0 in zip(crits, self._z_before):
-            c.nce.z.copy_(torch.where(ok, c.nce.z, z0))
+        for crit in (self.crit_l, self.crit_ab):
+            crit.keep_z_if(ok)
 
     # ---- evaluation ----------------------------------------------------------------------
     @torch.no_grad()

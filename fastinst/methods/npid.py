@@ -51,12 +51,19 @@ class NPIDConfig:
     bank_kernel: Literal["auto", "triton", "torch"] = "auto"
 
     def __post_init__(self):
-        check(self.K >= 0, "method.npid.K", "must be >= 0 (0 = full softmax)")
-        check(not (self.loss == "nce" and self.K == 0), "method.npid.K",
-               "is 0 (full softmax) but method.npid.loss=nce; set method.npid.loss=softmax or K > 0")
-        check(self.T > 0, "method.npid.T", "temperature must be > 0 (NPID uses 0.07)")
-        check(0.0 <= self.momentum < 1.0, "method.npid.momentum", "must lie in [0, 1) (NPID uses 0.5)")
-        check(0.0 <= self.z_ema < 1.0, "method.npid.z_ema", "must lie in [0, 1)")
+        check_bank_loss_keys(self, "npid", "NPID")
+
+
+def check_bank_loss_keys(c, name: str, seed: str) -> None:
+    """The keys of an NPID-style loss over memory banks (NPID's, CMC's): K, loss, T, momentum,
+    z_ema of section ``method.<name>``; ``seed`` names the seed system in the hints."""
+    key = f"method.{name}"
+    check(c.K >= 0, f"{key}.K", "must be >= 0 (0 = full softmax)")
+    check(not (c.loss == "nce" and c.K == 0), f"{key}.K",
+          f"is 0 (full softmax) but {key}.loss=nce; set {key}.loss=softmax or K > 0")
+    check(c.T > 0, f"{key}.T", f"temperature must be > 0 ({seed} uses 0.07)")
+    check(0.0 <= c.momentum < 1.0, f"{key}.momentum", f"must lie in [0, 1) ({seed} uses 0.5)")
+    check(0.0 <= c.z_ema < 1.0, f"{key}.z_ema", "must lie in [0, 1)")
 
 
 @register("npid", default=True)
@@ -78,7 +85,6 @@ class NPID(Method):
                                   temperature=T, z_momentum=z_momentum, seed=seed)
         # Labels of the rows this rank owns, for kNN on bank features (never used in training).
         self.labels = None if labels is None else labels[self.bank.start:self.bank.end].clone()
-        self._z_before: Optional[torch.Tensor] = None
 
     @classmethod
     def from_config(cls, c: NPIDConfig, encoder: nn.Module, ctx: BuildContext) -> "NPID":
@@ -98,9 +104,6 @@ class NPID(Method):
         views = [v.to(device, non_blocking=True) for v in batch["views"]]
         feats = torch.cat(embed_views(self.nets["encoder"], views))  # [V*B, D], view-major
         index_v = index.repeat(len(views))  # [V*B]
-        nce = self.criterion.nce
-        # Z is updated inside the loss; keep the old value so a non-finite step leaves no trace.
-        self._z_before = None if nce is None else nce.z.detach().clone()
         out = self.criterion(feats, index_v, self.bank)  # global-batch loss, same on every rank
         return {"loss": out.loss, "feats": out.feats, "index": out.index}
 
@@ -109,9 +112,7 @@ class NPID(Method):
         """Momentum update of the owned bank rows; on a non-finite step no row moves and Z
         (updated inside the loss) is put back."""
         self.bank.update(out["index"], out["feats"], ok)  # [B_global], [B_global, D]
-        if self._z_before is not None:
-            z = self.criterion.nce.z
-            z.copy_(torch.where(ok, z, self._z_before))
+        self.criterion.keep_z_if(ok)
 
     # ---- evaluation ----------------------------------------------------------------------
     @torch.no_grad()
