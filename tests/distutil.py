@@ -63,3 +63,19 @@ def run_on_ranks(world: int, argv: list, *, cwd: str, timeout: int = 240, what: 
         pytest.fail(f"{world}-process {what} timed out:\n{log[-3000:]}")
     assert proc.returncode == 0, log[-3000:]
     return log
+
+
+def train_on_worlds(tmp_path, args: list, worlds, *, what: str = "run") -> dict:
+    """tests/dist_train_worker.py (fastinst.engine.train with BatchNorm removed) with ``args``
+    at each (world size, per-rank batch) of ``worlds``, into ``tmp_path / w<world>``:
+    {world: (run directory, its newest complete checkpoint)}."""
+    from fastinst.checkpoint import find_latest_complete
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    worker = os.path.join(root, "tests", "dist_train_worker.py")
+    runs = {}
+    for world, batch in worlds:
+        out = str(tmp_path / f"w{world}")
+        run_on_ranks(world, [worker, out] + list(args) + [f"loader.batch_size={batch}"], cwd=root, what=what)
+        runs[world] = (out, find_latest_complete(os.path.join(out, "checkpoints")))
+    return runs

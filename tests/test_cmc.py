@@ -16,7 +16,7 @@ from fastinst import engine
 from fastinst.checkpoint import find_latest_complete, load_checkpoint
 from fastinst.config import ConfigError, load_config
 from fastinst.methods.cmc import CMC
-from tests.distutil import run_on_ranks
+from tests.distutil import train_on_worlds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, B, K, D, T = 40, 6, 5, 8, 0.1
@@ -49,7 +49,9 @@ def ref_direction(f, bank, index, noise, loss):
 
 @pytest.mark.parametrize("loss", ["nce", "softmax"])
 def test_loss_gradients_and_bank_updates_match_the_formula(loss):
-    method = CMC(Tiny(1, 1), Tiny(2, 2), N, embed_dim=D, K=K, T=T, loss=loss, seed=3)
+    # Z as an EMA: set from the first batch (the reference's Z), then moved by every forward,
+    # so the non-finite step below must put it back
+    method = CMC(Tiny(1, 1), Tiny(2, 2), N, embed_dim=D, K=K, T=T, loss=loss, z_momentum=0.5, seed=3)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, 3, 4, 4, generator=g)
     index = torch.randperm(N, generator=g)[:B]
@@ -80,8 +82,9 @@ def test_loss_gradients_and_bank_updates_match_the_formula(loss):
         assert torch.equal(bank[rest].double(), bank0[rest])
     # a non-finite step: no row moves, Z put back
     before = (method.bank_l.shard.clone(), method.bank_ab.shard.clone())
-    out = method({"index": index, "views": [x]})
     z = [c.nce.z.clone() for c in (method.crit_l, method.crit_ab) if c.nce is not None]
+    out = method({"index": index, "views": [x * 3]})  # other features: the EMA moves Z
+    assert loss != "nce" or not torch.equal(z[0], method.crit_l.nce.z)
     method.after_step(out, torch.tensor(False))
     assert torch.equal(before[0], method.bank_l.shard) and torch.equal(before[1], method.bank_ab.shard)
     assert all(torch.equal(a, c.nce.z) for a, c in zip(z, (method.crit_l, method.crit_ab)) if c.nce is not None)
@@ -142,13 +145,9 @@ def test_two_processes_match_one(photos, tmp_path):
     over = ["train.lr_batch=16", "train.eval_every=2", "method.cmc.negatives=shared",  # order-free, as NPID's
             "aug.crops=[{count: 1, size: 16, scale: [1.0, 1.0], "
             "ratio: [1.0, 1.0]}]", "aug.flip_p=0"]
-    worker = os.path.join(ROOT, "tests", "dist_train_worker.py")
     runs = {}
-    for world, bs in ((1, 16), (2, 8)):
-        out = str(tmp_path / f"w{world}")
-        run_on_ranks(world, [worker, out] + TINY + [f"data.path={photos}", f"loader.batch_size={bs}"] + over,
-                     cwd=ROOT, what="cmc")
-        ckpt = find_latest_complete(os.path.join(out, "checkpoints"))
+    for world, (out, ckpt) in train_on_worlds(tmp_path, TINY + [f"data.path={photos}"] + over,
+                                              ((1, 16), (2, 8)), what="cmc").items():
         states = [load_checkpoint(ckpt, rank=r, world_size=world)["method"] for r in range(world)]
         banks = {b: torch.cat([s[f"{b}.shard"] for s in states]) for b in ("bank_l", "bank_ab")}
         with open(os.path.join(out, "metrics.jsonl")) as f:

@@ -16,7 +16,7 @@ from fastinst.methods.npid import NPID
 from fastinst.build import train_schedule
 from fastinst.optim import scaled_lr
 from fastinst.schedule import Clock
-from tests.distutil import run_on_ranks
+from tests.distutil import train_on_worlds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -178,13 +178,9 @@ def test_two_processes_match_one(colours, tmp_path):
             "method.npid.K=8", "method.npid.negatives=shared",  # order-free: ranks gather rows in another order
             "aug.crops=[{count: 1, size: 16, scale: [1.0, 1.0], ratio: [1.0, 1.0]}]",  # deterministic views
             "aug.flip_p=0", "aug.jitter_p=0", "aug.grey_p=0"]
-    worker = os.path.join(ROOT, "tests", "dist_train_worker.py")
     runs = {}
-    for world, bs in ((1, 16), (2, 8)):
-        out = str(tmp_path / f"w{world}")
-        args = TINY + [f"data.path={colours}", f"loader.batch_size={bs}"] + over
-        run_on_ranks(world, [worker, out] + args, cwd=ROOT)
-        ckpt = find_latest_complete(os.path.join(out, "checkpoints"))
+    for world, (out, ckpt) in train_on_worlds(tmp_path, TINY + [f"data.path={colours}"] + over,
+                                              ((1, 16), (2, 8))).items():
         bank = torch.cat([load_checkpoint(ckpt, rank=i, world_size=world)["method"]["bank.shard"]
                           for i in range(world)])
         runs[world] = (read_metrics(out), bank)

@@ -15,7 +15,7 @@ from fastinst.build import build_encoder
 from fastinst.checkpoint import find_latest_complete, list_complete, load_checkpoint
 from fastinst.config import load_config
 from fastinst.runtime import DistEnv
-from tests.distutil import run_on_ranks
+from tests.distutil import train_on_worlds
 from toy_methods import TwoEncoders, register_toys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,13 +65,9 @@ def test_two_encoders_two_processes_match_one(colours, tmp_path):
     all-reduces both encoders' gradients; both are in every rank's checkpoint, identical."""
     over = ["method.name=toy2enc", "train.epochs=2", "aug.crops=[{count: 2, size: 16, scale: [1.0, 1.0], "
             "ratio: [1.0, 1.0]}]", "aug.flip_p=0", "aug.jitter_p=0", "aug.grey_p=0"]
-    worker = os.path.join(ROOT, "tests", "dist_train_worker.py")
     runs = {}
-    for world, bs in ((1, 8), (2, 4)):
-        out = str(tmp_path / f"w{world}")
-        run_on_ranks(world, [worker, out] + TINY + [f"data.path={colours}", f"loader.batch_size={bs}"] + over,
-                     cwd=ROOT, what="toy2enc")
-        ckpt = find_latest_complete(os.path.join(out, "checkpoints"))
+    for world, (out, ckpt) in train_on_worlds(tmp_path, TINY + [f"data.path={colours}"] + over,
+                                              ((1, 8), (2, 4)), what="toy2enc").items():
         states = [load_checkpoint(ckpt, rank=r, world_size=world) for r in range(world)]
         runs[world] = ([r["loss"] for r in records(out)], states)
     (l1, (s1,)), (l2, (s2a, s2b)) = runs[1], runs[2]
