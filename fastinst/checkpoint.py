@@ -17,9 +17,11 @@ Why this shape:
   `find_latest_complete` (``--resume auto``) skips, so resume picks the previous one.
 - Old checkpoints are pruned only after the new one is complete, so there is always at
   least one complete checkpoint on disk once the first save finished.
-- Each rank file holds only that rank's state (its memory-bank shard is N/W rows), so
-  a checkpoint can only be resumed at the world size that wrote it; `load_checkpoint`
-  says so by name instead of loading the wrong shard.
+- Each rank file holds only that rank's state (its memory-bank shard is N/W rows) and a
+  manifest of the global row ranges its shards hold (`fastinst.reshard`). At the world size
+  that wrote it a rank reads its own file; with ``any_world=True`` a rank of another world
+  size reads rank 0's file and the files whose row ranges overlap its new ones, and cuts
+  its rows from them. Without ``any_world`` a mismatch is refused by name.
 """
 
 from __future__ import annotations
@@ -270,12 +272,14 @@ def load_checkpoint(
     map_location: Any = "cpu",
     *,
     weights_only: bool = True,
+    any_world: bool = False,
 ) -> Dict[str, Any]:
     """Load this rank's payload from the checkpoint directory ``path``.
 
     Raises `CheckpointError` (message names the file and the fix) when the directory or
-    its marker is missing, the world size differs from the one that saved it, or the
-    rank file is missing or unreadable.
+    its marker is missing, the world size differs from the one that saved it (unless
+    ``any_world``: then the payload is resharded, see `fastinst.reshard`), or a rank file
+    is missing or unreadable.
 
     Payloads hold only tensors and plain types (RNG states as tensors and lists, the config
     as a dict), so every file loads with ``torch.load(weights_only=True)``: a file whose pickle
@@ -286,15 +290,27 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     saved_world = _marker_world_size(path, f"checkpoint {path} is incomplete (no {MARKER} marker: the save "
                                            "was interrupted); resume from an earlier one, e.g. find_latest_complete()")
-    if saved_world != world_size:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} is outside world_size={world_size}")
+    if saved_world == world_size:
+        return _read_rank(path, rank, saved_world, map_location, weights_only)
+    if not any_world:
         raise CheckpointError(
             f"checkpoint {path} was saved by {saved_world} ranks but this run has "
             f"world_size={world_size}; per-rank state (e.g. memory-bank shards) only "
-            f"resumes at the same world size: launch with {saved_world} processes"
+            f"resumes at the same world size here: launch with {saved_world} processes"
         )
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank} is outside world_size={world_size}")
+    from .reshard import ReshardError, reshard_payload
 
+    try:
+        return reshard_payload(lambda q: _read_rank(path, q, saved_world, map_location, weights_only),
+                               saved_world, rank, world_size, where=f"checkpoint {path}")
+    except ReshardError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _read_rank(path: str, rank: int, world_size: int, map_location: Any, weights_only: bool) -> Dict[str, Any]:
+    """The payload of rank file ``rank`` of a checkpoint written by ``world_size`` ranks."""
     file = _rank_file(path, rank)
     if not os.path.isfile(file):
         raise CheckpointError(f"checkpoint file {file} is missing (rank {rank} of {world_size})")

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .build import build_loaders, build_method, build_plan, loader_epoch_scale, resolve_amp, resolve_resume
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint, saved_world_size
 from .config import Config, save_config, to_dict
 from .evaluation import EvalData, evaluate
 from .guard import Guard, finite_and, gated_step, where_
@@ -36,6 +36,7 @@ from .methods.base import Method, Stage, default_step, unwrap
 from .metrics import Meter, MetricsLog, expected, progress
 from .model import autocast_context, make_grad_scaler
 from .runtime import DistEnv, init_distributed, log0, rng_state, seed_process, set_rng_state
+from .reshard import row_manifest
 from .schedule import Clock, Preemption
 
 
@@ -102,11 +103,13 @@ class Trainer:
         opts = {n: o.state_dict() for n, o in self.optimizers.items()}
         primary = self.method.primary
         guard = self.guard.read()  # one host read for both counts
-        return {"modules": nets, "model": nets[primary], "optimizers": opts, "optimizer": next(iter(opts.values())),
+        payload = {"modules": nets, "model": nets[primary], "optimizers": opts, "optimizer": next(iter(opts.values())),
                 "opt_steps": dict(self.opt_steps), "scaler": self.scaler.state_dict(), "step": self.step,
                 "nonfinite": guard["streak"], "skipped": guard["total"], "loader": self.loader.state_dict(),
                 "method": self.method.state_dict(), "rng": rng_state(), "config": to_dict(self.cfg),
                 "probe_trunks": [[n, None if c is None else list(c)] for n, c in self.method.probe_trunks()]}
+        payload["row_shards"] = row_manifest(payload, [self.method], self.optimizers)  # resumes at any world
+        return payload
 
     def load_state_dict(self, state: dict) -> None:
         for n, m in self.method.trained_modules().items():
@@ -120,7 +123,8 @@ class Trainer:
         self.step = int(state["step"])
         self.guard.load(int(state["nonfinite"]), int(state["skipped"]))
         self.reported_skips = int(state["skipped"])
-        set_rng_state(state["rng"])
+        if state["rng"] is not None:  # None: a rank beyond a resharded checkpoint's world keeps its seeded RNGs
+            set_rng_state(state["rng"])
 
     def close_loaders(self) -> None:
         self.loader.close()
@@ -320,8 +324,10 @@ def train(cfg: Config, out_dir: str, resume: Optional[str] = None) -> Trainer:
     tr = build_trainer(cfg, out_dir, env)
     path = resolve_resume(resume or cfg.train.resume, tr.ckpt_dir)
     if path is not None:
-        tr.load_state_dict(load_checkpoint(path, rank=env.rank, world_size=env.world))  # CPU; copied in
-        log0(env, f"resumed from {path} at step {tr.step} (epoch {tr.loader.epoch}, batch {tr.loader.next_batch})")
+        saved_world = saved_world_size(path)
+        tr.load_state_dict(load_checkpoint(path, rank=env.rank, world_size=env.world, any_world=True))  # CPU
+        log0(env, f"resumed from {path} at step {tr.step} (epoch {tr.loader.epoch}, batch {tr.loader.next_batch})"
+                  + (f", resharded from {saved_world} to {env.world} ranks" if saved_world != env.world else ""))
     if env.rank == 0:
         save_config(cfg, os.path.join(out_dir, "config.yaml"))
         stages = "" if len(tr.stages) == 1 else f", stages {[s.name for s in tr.stages]}"
@@ -344,7 +350,7 @@ def evaluate_checkpoint(cfg: Config, path: str) -> Dict[str, float]:
     env = init_distributed(cfg.dist.timeout_minutes)
     tr = build_trainer(cfg, os.path.dirname(os.path.abspath(path)), env)
     try:
-        state = load_checkpoint(path, rank=env.rank, world_size=env.world)
+        state = load_checkpoint(path, rank=env.rank, world_size=env.world, any_world=True)
         for n, m in tr.method.trained_modules().items():
             unwrap(m).load_state_dict(state["modules"][n])
         tr.method.load_state_dict(state["method"])

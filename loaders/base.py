@@ -44,23 +44,49 @@ class LoaderBase:
 
     # -- resumable state --------------------------------------------------------------
     def state_dict(self) -> dict:
+        world = self.sampler.world
         return {"epoch": self.epoch, "next_batch": self.next_batch, "sampler": self.sampler.describe(),
-                "batch_size": self.batch_size, "skipped": dict(self.skipped)}
+                "batch_size": self.batch_size, "skipped": dict(self.skipped), "world": world,
+                "samples": self.next_batch * self.batch_size * world}  # global samples read this epoch
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume at the saved position. At another world size (a resharded checkpoint) the
+        position is the global samples read this epoch, which needs a world-independent
+        sampler and the same global batch (per-rank batch × world)."""
         mine = self.sampler.describe()
+        saved_world = int(state.get("sampler", {}).get("world", mine.get("world")))
         for key, val in state.get("sampler", {}).items():
-            if mine.get(key) != val:
+            if key != "world" and mine.get(key) != val:
                 raise ValueError(f"loader state: sampler {key}={val!r} in the checkpoint but {mine.get(key)!r} "
-                                 "now; resume with the same dataset, seed and world size")
-        if state.get("batch_size", self.batch_size) != self.batch_size:
-            raise ValueError(f"loader state: batch_size {state['batch_size']} in the checkpoint but "
-                             f"{self.batch_size} now")
+                                 "now; resume with the same dataset and seed")
+        saved_batch = int(state.get("batch_size", self.batch_size))
         self.epoch, self.next_batch = int(state["epoch"]), int(state["next_batch"])
+        if saved_world == self.sampler.world:
+            if saved_batch != self.batch_size:
+                raise ValueError(f"loader state: batch_size {saved_batch} in the checkpoint but "
+                                 f"{self.batch_size} now")
+        else:
+            self.next_batch = self._position_at_world(state, saved_world, saved_batch)
         if self.next_batch >= len(self):  # saved after an epoch's last batch: the next one is due
             self.epoch, self.next_batch = self.epoch + 1, 0
         self.skipped = {int(k): v for k, v in state.get("skipped", {}).items()}
         self._restart()
+
+    def _position_at_world(self, state: dict, saved_world: int, saved_batch: int) -> int:
+        world = self.sampler.world
+        if not getattr(self.sampler, "world_independent", False):
+            raise ValueError(f"loader state: saved at world size {saved_world}, resumed at {world}, but this "
+                             f"sampler ({self.sampler.describe()}) gives each rank its own rows (data.cache=part), "
+                             f"so its order depends on the world size; resume with {saved_world} ranks")
+        gbatch = saved_batch * saved_world
+        if self.batch_size * world != gbatch:
+            fix = f"loader.batch_size={gbatch // world}" if gbatch % world == 0 else \
+                f"a world size that divides the global batch {gbatch}"
+            raise ValueError(f"loader state: the checkpoint's global batch is {saved_batch} x {saved_world} ranks = "
+                             f"{gbatch} but this run has {self.batch_size} x {world} = {self.batch_size * world}; a "
+                             f"run resumes at another world size with the same global batch: use {fix}")
+        samples = int(state.get("samples", int(state["next_batch"]) * gbatch))
+        return samples // gbatch
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch or self.next_batch != 0:

@@ -130,12 +130,23 @@ def test_resume_mid_epoch_continues_at_same_position(photos, backend):
         assert torch.equal(collect(b, 1)[0]["views"][0], va)
 
 
-def test_resume_rejects_other_world_size(photos):
-    cfg = cfg_for(photos, "loader.backend=torch")
-    state = build_loader(cfg, "train", env=DistEnv(0, 2, 0, 2)).state_dict()
-    other = build_loader(cfg, "train", env=DistEnv(0, 1, 0, 1))
-    with pytest.raises(ValueError, match="sampler world=2 in the checkpoint but 1 now"):
+def test_resume_at_another_world_size_needs_the_same_global_batch(photos, tmp_path):
+    cfg = cfg_for(photos, "loader.backend=torch", "loader.batch_size=4")
+    saved = build_loader(cfg, "train", env=DistEnv(0, 2, 0, 2))  # 32 images: 4 global batches of 8
+    saved.load_state_dict({**saved.state_dict(), "next_batch": 3})
+    state = saved.state_dict()
+    one = build_loader(cfg_for(photos, "loader.backend=torch", "loader.batch_size=8"), "train", env=DistEnv(0, 1, 0, 1))
+    one.load_state_dict(state)  # same global batch 8: the 4th global batch is next
+    assert (one.epoch, one.next_batch) == (0, 3)
+    other = build_loader(cfg, "train", env=DistEnv(0, 1, 0, 1))  # global batch 4
+    with pytest.raises(ValueError, match=r"global batch is 4 x 2 ranks = 8 but this run has 4 x 1 = 4.*"
+                                         r"loader\.batch_size=8"):
         other.load_state_dict(state)
+    part = cfg_for(photos, "loader.backend=torch", "loader.batch_size=4", "data.cache=part",
+                   f"data.cache_dir={tmp_path}")
+    state = build_loader(part, "train", env=DistEnv(0, 2, 0, 2)).state_dict()
+    with pytest.raises(ValueError, match="data.cache=part.*resume with 2 ranks"):
+        build_loader(part, "train", env=DistEnv(0, 4, 0, 4)).load_state_dict(state)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -50,9 +50,28 @@ def test_sliding_window_visits_each_index_window_over_stride_times(world):
         for epoch in range(n // stride):  # one pass of the window over the data
             idx = s.indices(epoch)
             assert len(set(idx.tolist())) == len(idx)  # no repeats inside a window
-            assert np.all(idx % world == r)  # PIC: a rank samples its own rows
             counts[idx] += 1
     assert np.all(counts == window // stride)
+
+
+@pytest.mark.parametrize("reshuffle", [False, True])
+def test_sliding_window_global_batches_do_not_depend_on_world(reshuffle):
+    """Global batch k (ranks' k-th batches interleaved back) is the same set of samples at
+    world 1, 2 and 3 with the same global batch: what lets a checkpoint resume at another
+    world size."""
+    n, window, stride, gbatch = 120, 48, 18, 12
+
+    def global_batches(world, epoch):
+        plans = [batch_plan(SlidingWindowSampler(n, window=window, stride=stride, rank=r, world=world, seed=4,
+                                                 reshuffle=reshuffle), epoch, gbatch // world, True)
+                 for r in range(world)]
+        assert len({len(p) for p in plans}) == 1  # equal batch counts on every rank
+        return [sorted(np.concatenate([p[b] for p in plans]).tolist()) for b in range(len(plans[0]))]
+
+    for epoch in (0, 3, 11):
+        ref = global_batches(1, epoch)
+        assert len(ref) == window // gbatch
+        assert global_batches(2, epoch) == ref and global_batches(3, epoch) == ref
 
 
 def test_sliding_window_consecutive_windows_overlap_and_resume_exact():
@@ -65,12 +84,13 @@ def test_sliding_window_consecutive_windows_overlap_and_resume_exact():
 
 @pytest.mark.parametrize("world,rank", [(1, 0), (2, 1)])
 def test_sliding_window_reshuffle_follows_pics_shuffle_per_epoch(world, rank):
-    """PIC's SubsetSlidingWindowSampler with shuffle_per_epoch, replayed statefully: a window
-    whose range would run past the end first draws a new order (here order(k), k counting the
-    draws), then takes positions start..start+window (mod m) of the current order."""
-    n, window, stride = 110 * world, 40 * world, 15 * world  # m = 110 rows/rank: stride does not divide m
+    """PIC's SubsetSlidingWindowSampler with shuffle_per_epoch, replayed statefully on the
+    global order: a window whose range would run past the end first draws a new order (here
+    order(k), k counting the draws), then takes positions start..start+window (mod n) of the
+    current order; rank r reads every world-th entry of the window."""
+    n, window, stride = 110, 40, 15  # stride does not divide n
     s = SlidingWindowSampler(n, window=window, stride=stride, rank=rank, world=world, seed=5, reshuffle=True)
-    m, w, st = 110, 40, 15
+    m, w, st = n, window, stride
     order, k, start = s.order(0), 0, 0
     crossings = 0
     for epoch in range(40):  # more than 5 passes
@@ -79,14 +99,14 @@ def test_sliding_window_reshuffle_follows_pics_shuffle_per_epoch(world, rank):
             order = s.order(k)
             crossings += 1
         expected = order[(start + np.arange(w)) % m]
-        got = s.indices(epoch)
+        got = s.window_indices(epoch)
         assert sorted(got.tolist()) == sorted(expected.tolist()), epoch
-        assert np.all(got % world == rank)
+        assert np.array_equal(s.indices(epoch), got[rank::world])
         start = (start + st) % m
     assert crossings > 5 and s.reshuffles(39) == crossings
     orders = [s.order(i) for i in range(3)]
-    for o in orders:  # each order is a permutation of the rank's rows
-        assert sorted(o.tolist()) == list(range(rank, n, world))
+    for o in orders:  # each order is a permutation of all rows
+        assert sorted(o.tolist()) == list(range(n))
     assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
     # pure function of (seed, rank, epoch): a fresh sampler gives the same windows (exact resume)
     again = SlidingWindowSampler(n, window=window, stride=stride, rank=rank, world=world, seed=5, reshuffle=True)
@@ -94,4 +114,4 @@ def test_sliding_window_reshuffle_follows_pics_shuffle_per_epoch(world, rank):
     # without reshuffle the order never changes
     fixed = SlidingWindowSampler(n, window=window, stride=stride, rank=rank, world=world, seed=5)
     assert fixed.reshuffles(39) == 0
-    assert sorted(fixed.indices(8).tolist()) == sorted(fixed.order(0)[(8 * st + np.arange(w)) % m].tolist())
+    assert sorted(fixed.window_indices(8).tolist()) == sorted(fixed.order(0)[(8 * st + np.arange(w)) % m].tolist())
