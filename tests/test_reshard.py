@@ -98,17 +98,21 @@ METHODS = {
     "npid": ["method.name=npid", "method.npid.K=0", "method.npid.loss=softmax", "method.npid.T=0.1"],  # full softmax over the bank
     "pic": ["method.name=pic", "method.pic.negatives=0", "sampler.kind=sliding_window", "sampler.window=24",
             "sampler.stride=12"],  # LazySGD rows; the global sliding window
+    "cmc": ["method.name=cmc", "aug.colorspace=lab", "method.cmc.K=0", "method.cmc.loss=softmax",
+            "method.cmc.T=0.1"],  # two banks
 }
 
 
-ROWS = {"npid": "bank.shard", "pic": "classifier.weight"}  # the row table in the method's state
+ROWS = {"npid": ["bank.shard"], "pic": ["classifier.weight"],  # the row tables in the method's state
+        "cmc": ["bank_l.shard", "bank_ab.shard"]}
 
 
 def _table(path, world, method, saved=None):
-    """The table assembled from the rank payloads, in rank order: the files as written
-    (``saved`` None) or cut for ``world`` ranks from a checkpoint of ``saved`` ranks."""
-    return torch.cat([ck.load_checkpoint(path, rank=r, world_size=world, any_world=saved is not None)["method"][
-        ROWS[method]] for r in range(world)])
+    """The tables assembled from the rank payloads, in rank order, side by side: the files as
+    written (``saved`` None) or cut for ``world`` ranks from a checkpoint of ``saved`` ranks."""
+    states = [ck.load_checkpoint(path, rank=r, world_size=world, any_world=saved is not None)["method"]
+              for r in range(world)]
+    return torch.cat([torch.cat([s[k] for s in states]) for k in ROWS[method]], 1)
 
 
 def _losses(out, after=0):
