@@ -63,10 +63,10 @@ def row_manifest(payload: dict, modules: List[Any], optimizers: Dict[str, Any]) 
     for mod in modules:
         for sub in mod.modules():
             if isinstance(sub, ShardedRows):
-                t = sub.table
                 rng = (sub.start, sub.end, sub.num_rows)
-                ranges[_key(t)] = rng
-                tables[_key(t)] = rng
+                for t in sub.row_tensors():
+                    ranges[_key(t)] = rng
+                    tables[_key(t)] = rng
     for opt in optimizers.values():
         for group in opt.param_groups:
             for p in group["params"]:

@@ -241,6 +241,11 @@ class ShardedRows(nn.Module):
     def table(self) -> torch.Tensor:  # [rows_local, D]
         raise NotImplementedError
 
+    def row_tensors(self) -> list:
+        """Every tensor of this module with one row per owned table row (first dim rows_local):
+        what a checkpoint reshards (`fastinst.reshard`). The table; a subclass adds its others."""
+        return [self.table]
+
     @property
     def rows_local(self) -> int:
         return self.end - self.start
