@@ -6,6 +6,16 @@ hardware JPEG decoder where present, all ops on the GPU) and the CPU-only one (e
 the CPU, ``device_id=None``). Samples enter through a parallel ``external_source`` whose
 callback reads the bytes chosen by our resumable sampler, so the order is ours, not DALI's.
 
+The graph draws no random numbers. The same callback supplies, per sample and view, a row of
+augmentation parameters (``loaders/view_params.py``): a pure function of (seed, epoch, index,
+view) from a counter-based Philox stream, with the crop window computed by torchvision's
+RandomResizedCrop rule on the size read from the encoded header. The graph applies the row
+with per-sample argument inputs (resize ROI, colour-twist factors, blur sigma, conditionals on
+the blur / solarize gates, the mirror flag), so a view does not depend on the batch it is in,
+the rank, the world size or a resume: on the CPU it is bit-identical across all of them (on
+the GPU the parameters are the same; pixels not compared: the hardware JPEG decoder takes a
+share of each batch and need not match the CUDA decoder bit for bit).
+
 This is the only module that imports ``nvidia.dali``.
 """
 from __future__ import annotations
@@ -19,6 +29,7 @@ import torch
 from fastinst.runtime import derive_seed
 
 from . import colour
+from . import view_params as vp
 from .base import LoaderBase, default_threads
 from .sources import DataError, Source, log
 
@@ -48,55 +59,48 @@ def decode(jpegs, device: str, hw_decoder_load: float = 0.65):
     return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
 
 
-def _uniform(lo: float, hi: float):
-    return fn.random.uniform(range=(float(lo), float(hi)))
+def _param(params, k: int, dtype=None):
+    """Column ``k`` of a view's parameter row, as a per-sample scalar argument input."""
+    x = params[k]
+    return fn.cast(x, dtype=dtype) if dtype is not None else x
 
 
-def _coin(p: float):
-    return fn.random.coin_flip(probability=float(p), dtype=types.BOOL)
-
-
-def color_twist(img, aug):
+def color_twist(img, params, aug):
     """ColorJitter applied with p = jitter_p, then grey with p = grey_p, as ONE fused op.
 
-    Brightness, contrast, saturation and hue are linear maps in DALI's color_twist, so the
-    Bernoulli gates become exponents on the factors (factor**0 = 1 = identity) and greying is
-    saturation 0. Unlike torchvision's ColorJitter the four are applied in a fixed order, and
-    contrast pivots on mid-grey rather than the image mean: a documented approximation.
+    The callback folds the gates into the factors (a jitter that is off gives factors 1 and
+    hue 0; grey gives saturation 0). Unlike torchvision's ColorJitter the four are applied in a
+    fixed order, and contrast pivots on mid-grey rather than the image mean: a documented
+    approximation.
     """
-    b, c, s, h = aug.jitter
     if aug.jitter_p == 0 and aug.grey_p == 0:
         return img
-    on = fn.cast(_coin(aug.jitter_p), dtype=types.FLOAT) if aug.jitter_p < 1 else 1.0
-    keep_colour = 1.0 - fn.cast(_coin(aug.grey_p), dtype=types.FLOAT) if aug.grey_p > 0 else 1.0
-    kw = {}
-    if b > 0:
-        kw["brightness"] = 1.0 + on * (_uniform(max(0.0, 1 - b), 1 + b) - 1.0)
-    if c > 0:
-        kw["contrast"] = 1.0 + on * (_uniform(max(0.0, 1 - c), 1 + c) - 1.0)
-    sat = 1.0 + on * (_uniform(max(0.0, 1 - s), 1 + s) - 1.0) if s > 0 else 1.0
-    kw["saturation"] = sat * keep_colour
-    if h > 0:
-        kw["hue"] = on * _uniform(-h * 360.0, h * 360.0)  # DALI's hue is in degrees
-    return fn.color_twist(img, **kw)
+    return fn.color_twist(img, brightness=_param(params, vp.BRIGHTNESS), contrast=_param(params, vp.CONTRAST),
+                          saturation=_param(params, vp.SATURATION), hue=_param(params, vp.HUE))
 
 
-def train_view(images, crop, aug, *, out_dtype, layout: str):
-    """One training view: random-resized crop, jitter/grey, blur, solarize, flip, normalise."""
-    v = fn.random_resized_crop(images, size=(crop.size, crop.size), random_area=tuple(crop.scale),
-                               random_aspect_ratio=tuple(crop.ratio), antialias=False)
-    v = color_twist(v, aug)
+def train_view(images, hw, params, crop, aug, *, out_dtype, layout: str):
+    """One training view from its parameter row ``params`` (see loaders/view_params.py):
+    resized crop, jitter/grey, blur, solarize, flip, normalise. ``hw``: DALI's own (height,
+    width) of the decoded images, float."""
+    # The RandomResizedCrop window as an absolute (y, x) ROI of the decoded image. The window
+    # was computed on the callback's header size, which equals ``hw`` (tests/test_dali_views.py);
+    # clamping to ``hw`` is a no-op then, and a safety net otherwise (DALI's CPU resize crashes
+    # the process on a ROI outside the image).
+    roi_start, roi_end = dmath.min(params[vp.ROI_START], hw), dmath.min(params[vp.ROI_END], hw)
+    v = fn.resize(images, size=(crop.size, crop.size), roi_start=roi_start, roi_end=roi_end, roi_relative=False,
+                  antialias=False)
+    v = color_twist(v, params, aug)
     if aug.blur_p > 0:
-        if _coin(aug.blur_p):  # DALI conditional: only the chosen samples are blurred
-            v = fn.gaussian_blur(v, sigma=_uniform(*aug.blur_sigma))
+        if _param(params, vp.BLUR_ON, types.BOOL):  # DALI conditional: only the chosen samples are blurred
+            v = fn.gaussian_blur(v, sigma=_param(params, vp.SIGMA))
     if aug.solarize_p > 0:
-        if _coin(aug.solarize_p):
+        if _param(params, vp.SOLARIZE_ON, types.BOOL):
             # invert pixels >= 128 (BYOL / SimCLR-style solarisation): x + m*(255 - 2x)
             x = fn.cast(v, dtype=types.INT16)
             v = fn.cast(x + (x >= 128) * (255 - 2 * x), dtype=types.UINT8)
-    return _normalise(v, aug, out_dtype=out_dtype, layout=layout, 
-                      mirror=fn.random.coin_flip(probability=float(aug.flip_p), dtype=types.INT32)
-                      if aug.flip_p > 0 else 0)
+    return _normalise(v, aug, out_dtype=out_dtype, layout=layout,
+                      mirror=_param(params, vp.FLIP, types.INT32) if aug.flip_p > 0 else 0)
 
 
 def eval_view(images, aug, *, out_dtype, layout: str):
@@ -141,6 +145,9 @@ def _normalise(v, aug, *, out_dtype, layout, mirror, crop=None):
 class BatchFeed:
     """The external_source callback: batch ``info.iteration`` of epoch ``start_epoch + info.epoch_idx``.
 
+    With ``view_params`` (train mode) it also returns, per sample, its (views, N_PARAMS) float32
+    parameter rows, a function of (seed, epoch, index, view) only (a header it cannot read is a
+    bad sample, like an unreadable file).
     Picklable (it runs in DALI's worker processes); the sampler is recomputed there, which is
     cheap and exact because samplers are pure functions of (seed, epoch, rank, world).
     Bad samples raise a DataError naming the file, or (on_error=skip) are left out of the batch:
@@ -148,8 +155,8 @@ class BatchFeed:
     """
 
     def __init__(self, source: Source, sampler, batch_size: int, drop_last: bool, on_error: str,
-                 start_epoch: int, start_batch: int, blocklist=()):
-        self.source, self.sampler = source, sampler
+                 start_epoch: int, start_batch: int, blocklist=(), view_params=None):
+        self.source, self.sampler, self.view_params = source, sampler, view_params
         self.batch_size, self.drop_last, self.on_error = batch_size, drop_last, on_error
         self.start_epoch, self.start_batch = start_epoch, start_batch
         self.blocklist = frozenset(int(i) for i in blocklist)
@@ -169,12 +176,14 @@ class BatchFeed:
         plan = self.plan(epoch)
         if b >= len(plan):
             raise StopIteration
-        bufs, idx, lab = [], [], []
+        bufs, idx, lab, rows = [], [], [], []
         for i in plan[b].tolist():
             if i in self.blocklist:
                 continue
             try:
                 buf = self.source.read_checked(i)
+                if self.view_params is not None:
+                    rows.append(self.view_params.for_sample(epoch, i, buf, self.source.describe(i)))
             except DataError:
                 if self.on_error == "raise":
                     raise
@@ -185,7 +194,7 @@ class BatchFeed:
         if not bufs:
             raise DataError(f"every sample of batch {b} (epoch {epoch}) was bad; first: "
                             f"{self.source.describe(int(plan[b][0]))}")
-        return bufs, idx, lab
+        return (bufs, idx, lab, rows) if self.view_params is not None else (bufs, idx, lab)
 
 
 # --------------------------------------------------------------------------- loader
@@ -228,8 +237,10 @@ class DaliLoader(LoaderBase):
 
     # -- pipeline ------------------------------------------------------------------------
     def _build(self):
+        train = self.mode == "train"
         feed = BatchFeed(self.source, self.sampler, self.batch_size, self.drop_last, self.on_error,
-                         self.epoch, self.next_batch, blocklist=self.skipped.keys())
+                         self.epoch, self.next_batch, blocklist=self.skipped.keys(),
+                         view_params=vp.ViewParams(self.aug, self.seed) if train else None)
         aug, mode = self.aug, self.mode
         decode_device = "mixed" if self.device == "gpu" else "cpu"
         out_dtype = types.FLOAT16 if self.fp16 else types.FLOAT
@@ -238,21 +249,22 @@ class DaliLoader(LoaderBase):
 
         @pipeline_def(enable_conditionals=True)
         def pipe_fn():
-            jpegs, index, label = fn.external_source(source=feed, num_outputs=3, batch=True, batch_info=True,
-                                                     parallel=True, dtype=[types.UINT8, types.INT64, types.INT64])
+            dtypes = [types.UINT8, types.INT64, types.INT64] + [types.FLOAT] * train
+            jpegs, index, label, *params = fn.external_source(source=feed, num_outputs=len(dtypes), batch=True,
+                                                              batch_info=True, parallel=True, dtype=dtypes)
             images = decode(jpegs, decode_device, hw_load)
-            if mode == "train":
-                views = [train_view(images, crop, aug, out_dtype=out_dtype, layout=layout)
-                         for crop in aug.crops for _ in range(crop.count)]
+            if mode == "train":  # view v reads row v of the sample's (views, N_PARAMS) parameters
+                hw = fn.cast(fn.peek_image_shape(jpegs)[0:2], dtype=types.FLOAT)  # header parse, on the CPU
+                views = [train_view(images, hw, params[0][v], crop, aug, out_dtype=out_dtype, layout=layout)
+                         for v, crop in enumerate(feed.view_params.crops)]
             elif mode == "decode":  # profiling: the decode stage alone (outputs stay in DALI)
                 views = [images]
             else:
                 views = [eval_view(images, aug, out_dtype=out_dtype, layout=layout)]
             return (*views, index, label)
 
-        # The augmentation RNG is seeded from (seed, rank, position): the sample order of a
-        # resumed run is exact, its augmentation draws are fresh ones.
-        pipe_seed = derive_seed(self.seed, "dali", self.rank, self.epoch, self.next_batch) % (2 ** 31)
+        # The graph has no random op (the parameters come from the feed): DALI's seed is moot.
+        pipe_seed = derive_seed(self.seed, "dali") % (2 ** 31)
         pipe = pipe_fn(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
                        prefetch_queue_depth=self.prefetch, py_num_workers=self.num_workers,
                        py_start_method="spawn", seed=pipe_seed, exec_dynamic=True)
