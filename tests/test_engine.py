@@ -170,16 +170,21 @@ def test_dali_backend_smoke(tmp_path):
     assert [r["kind"] for r in recs][-1] == "eval"
 
 
+# With TINY: a run whose losses and bank do not depend on the world size at a fixed global batch
+# of 16 (also tests/test_two_node.py's)
+SAME_ON_ANY_WORLD = [
+    "train.lr_batch=16", "train.eval_every=2", "method.npid.loss=nce",
+    "method.npid.K=8", "method.npid.negatives=shared",  # order-free: ranks gather rows in another order
+    "aug.crops=[{count: 1, size: 16, scale: [1.0, 1.0], ratio: [1.0, 1.0]}]",  # deterministic views
+    "aug.flip_p=0", "aug.jitter_p=0", "aug.grey_p=0"]
+
+
 @pytest.mark.slow
 def test_two_processes_match_one(colours, tmp_path):
     """2 gloo ranks x batch B == 1 process x batch 2B: same global batches (EpochSampler
     'global' ownership splits one permutation rank::world), same losses, same sharded bank."""
-    over = ["train.lr_batch=16", "train.eval_every=2", "method.npid.loss=nce",
-            "method.npid.K=8", "method.npid.negatives=shared",  # order-free: ranks gather rows in another order
-            "aug.crops=[{count: 1, size: 16, scale: [1.0, 1.0], ratio: [1.0, 1.0]}]",  # deterministic views
-            "aug.flip_p=0", "aug.jitter_p=0", "aug.grey_p=0"]
     runs = {}
-    for world, (out, ckpt) in train_on_worlds(tmp_path, TINY + [f"data.path={colours}"] + over,
+    for world, (out, ckpt) in train_on_worlds(tmp_path, TINY + [f"data.path={colours}"] + SAME_ON_ANY_WORLD,
                                               ((1, 16), (2, 8))).items():
         bank = torch.cat([load_checkpoint(ckpt, rank=i, world_size=world)["method"]["bank.shard"]
                           for i in range(world)])
