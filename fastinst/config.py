@@ -8,6 +8,7 @@ types and impossible combinations fail at start-up with a message naming the key
 """
 from __future__ import annotations
 
+import dataclasses
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Tuple
@@ -127,6 +128,10 @@ class SamplerConfig:
 class LoaderConfig:
     backend: Literal["dali", "torch"] = "dali"
     batch_size: int = 256  # per rank
+    # > 0: the global batch; each rank takes global_batch / world (which must divide it), so a
+    # run relaunched at another world size (torchrun --nnodes=MIN:MAX after losing a node)
+    # keeps its global batch and resumes from a resharded checkpoint. Overrides batch_size.
+    global_batch: int = 0
     # auto: GPU decoding ('mixed') when CUDA is available, else the same graph on the CPU.
     device: Literal["auto", "gpu", "cpu"] = "auto"
     # 0 = number of cores available to this process divided by local ranks.
@@ -144,6 +149,7 @@ class LoaderConfig:
 
     def __post_init__(self):
         check(self.batch_size >= 1, "loader.batch_size", "must be >= 1")
+        check(self.global_batch >= 0, "loader.global_batch", "must be >= 0 (0 = use loader.batch_size per rank)")
         check(self.num_threads >= 0, "loader.num_threads", "must be >= 0 (0 = auto)")
         check(self.num_workers >= 0, "loader.num_workers", "must be >= 0 (0 = auto)")
         check(self.prefetch >= 1, "loader.prefetch", "must be >= 1")
@@ -284,3 +290,14 @@ def _method_type():
 
 from .configfile import (apply_overrides, config_from_dict, load_config, load_yaml, parse_override,  # noqa: E402,F401
                          save_config, to_dict)
+
+
+def for_world(cfg: Config, world: int) -> Config:
+    """``cfg`` with loader.batch_size = loader.global_batch / world where a global batch is set."""
+    g = cfg.loader.global_batch
+    if not g:
+        return cfg
+    if g % world:
+        raise ConfigError(f"config key 'loader.global_batch': {g} is not divisible by the {world} ranks of this run; "
+                          f"use a world size that divides it, or a global batch that is a multiple of {world}")
+    return dataclasses.replace(cfg, loader=dataclasses.replace(cfg.loader, batch_size=g // world))

@@ -29,7 +29,7 @@ from torch import nn
 
 from .build import build_loaders, build_method, build_plan, loader_epoch_scale, resolve_amp, resolve_resume
 from .checkpoint import load_checkpoint, save_checkpoint, saved_world_size
-from .config import Config, save_config, to_dict
+from .config import Config, for_world, save_config, to_dict
 from .evaluation import EvalData, evaluate
 from .guard import Guard, finite_and, gated_step, where_
 from .methods.base import Method, Stage, default_step, unwrap
@@ -281,7 +281,17 @@ def _train_loop(tr: Trainer, log: MetricsLog, pre: Optional[Preemption] = None) 
         _evaluate(tr, log, 0, init=True)  # the bank is still random: the network itself
     started = False
     while not clock.finished(loader.epoch, tr.step):
-        epoch, stage = loader.epoch, tr.stages[clock.stage(loader.epoch)]
+        epoch, idx = loader.epoch, clock.stage(loader.epoch)
+        stage = tr.stages[idx]
+        if loader.next_batch == 0 and epoch == clock.stage_start(idx):
+            tr.method.stage_start(stage)
+        if loader.next_batch == 0 and tr.method.stage_done(stage):  # the method ends its stage early
+            end = clock.stage_ends[idx]
+            log0(tr.env, f"stage {stage.name} done at loader epoch {epoch}: {end - epoch} of its epochs skipped")
+            log.write({"kind": "stage", "step": tr.step, "epoch": epoch, "stage": stage.name, "skipped_epochs": end - epoch})
+            loader.set_epoch(end)
+            _after_epoch(tr, log, pre, meter, end - 1, 0)
+            continue
         _enter(tr, stage)
         meter.waiting()
         for batch in loader:
@@ -307,19 +317,32 @@ def _train_loop(tr: Trainer, log: MetricsLog, pre: Optional[Preemption] = None) 
             if clock.stops(tr.step):
                 break
             meter.waiting()
-        done, due = clock.after_epoch(epoch, loader.next_batch, tr.step)
-        with meter.paused():  # evaluation and checkpoint time is not training throughput
-            check_guard(tr)
-            if due.evaluate:
-                _evaluate(tr, log, done)
-            if due.save:
-                tr.save()
-                pre.saved()
+        if loader.next_batch in (0, len(loader)):  # a whole loader epoch: the method's bookkeeping
+            with meter.paused():
+                rec = tr.method.end_epoch(stage, epoch + 1 == clock.stage_ends[idx])
+            if rec:
+                log.write({"kind": "method", "step": tr.step, "epoch": epoch + 1, "stage": stage.name, **rec})
+                log0(tr.env, f"ep {epoch + 1}/{tr.loader_epochs} {stage.name}: "
+                             + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+        _after_epoch(tr, log, pre, meter, epoch, loader.next_batch)
+
+
+def _after_epoch(tr: Trainer, log: MetricsLog, pre: Preemption, meter: Meter, epoch: int, next_batch: int) -> None:
+    """What is due after loader epoch ``epoch`` ran to batch ``next_batch``: evaluation, a save."""
+    done, due = tr.clock.after_epoch(epoch, next_batch, tr.step)
+    with meter.paused():  # evaluation and checkpoint time is not training throughput
+        check_guard(tr)
+        if due.evaluate:
+            _evaluate(tr, log, done)
+        if due.save:
+            tr.save()
+            pre.saved()
 
 
 def train(cfg: Config, out_dir: str, resume: Optional[str] = None) -> Trainer:
     """Train on this rank (call on every rank); returns the trainer (tests inspect its state)."""
     env = init_distributed(cfg.dist.timeout_minutes)
+    cfg = for_world(cfg, env.world)
     os.makedirs(out_dir, exist_ok=True)
     tr = build_trainer(cfg, out_dir, env)
     path = resolve_resume(resume or cfg.train.resume, tr.ckpt_dir)
@@ -348,6 +371,7 @@ def train(cfg: Config, out_dir: str, resume: Optional[str] = None) -> Trainer:
 def evaluate_checkpoint(cfg: Config, path: str) -> Dict[str, float]:
     """kNN accuracy of a saved checkpoint (``launch.py eval``); same world size as the save."""
     env = init_distributed(cfg.dist.timeout_minutes)
+    cfg = for_world(cfg, env.world)
     tr = build_trainer(cfg, os.path.dirname(os.path.abspath(path)), env)
     try:
         state = load_checkpoint(path, rank=env.rank, world_size=env.world, any_world=True)

@@ -109,6 +109,10 @@ class Clock:
         """Whole passes over the data after ``loader_epochs`` loader epochs."""
         return math.floor(loader_epochs / self.epoch_scale + 1e-9)
 
+    def stage_start(self, index: int) -> int:
+        """The loader epoch at which stage ``index`` starts."""
+        return self.stage_ends[index - 1] if index > 0 else 0
+
     def stage(self, loader_epoch: int) -> int:
         """Index of the stage that loader epoch ``loader_epoch`` (0-based) belongs to."""
         for i, end in enumerate(self.stage_ends):

@@ -130,14 +130,26 @@ def test_resume_at_one_and_three_ranks_continues_the_two_rank_run(tmp_path, meth
     saved = _table(first, 2, method)
     ref_losses = _losses(out2, after=torch.load(os.path.join(first, "rank0.pt"))["step"])
     assert len(ref_losses) >= 4
-    for world, batch in ((1, 12), (3, 4)):
+    for world in (1, 3):
         # each rank of the new world gets exactly its block of the saved table
         assert torch.equal(_table(first, world, method, saved=2), saved)
         run = tmp_path / f"w{world}"
         os.makedirs(run / f"w{world}" / "checkpoints")
         shutil.copytree(first, run / f"w{world}" / "checkpoints" / os.path.basename(first))
-        (out, last), = train_on_worlds(run, args + ["train.resume=auto"], [(world, batch)],
+        # relaunched as torchrun --nnodes=MIN:MAX would: the same command (loader.batch_size=6
+        # fits neither world) with loader.global_batch, which sets the per-rank batch
+        (out, last), = train_on_worlds(run, args + ["train.resume=auto", "loader.global_batch=12"], [(world, 6)],
                                        what=f"resume at {world} ranks").values()
         # the continued run: the 2-rank run's losses and table (float sums in another order)
         assert _losses(out) == pytest.approx(ref_losses, rel=1e-4), world
         torch.testing.assert_close(_table(last, world, method), _table(last2, 2, method), rtol=1e-4, atol=1e-5)
+
+
+def test_global_batch_sets_the_per_rank_batch():
+    from fastinst.config import ConfigError, for_world, load_config
+
+    cfg = load_config(None, ["loader.global_batch=12", "loader.batch_size=5"])
+    assert [for_world(cfg, w).loader.batch_size for w in (1, 2, 3, 4)] == [12, 6, 4, 3]
+    assert for_world(load_config(None, ["loader.batch_size=5"]), 3).loader.batch_size == 5  # off: per rank
+    with pytest.raises(ConfigError, match="'loader.global_batch': 12 is not divisible by the 5 ranks"):
+        for_world(cfg, 5)

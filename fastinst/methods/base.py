@@ -16,6 +16,9 @@
   losses were finite. Every update must be gated on it on the device (``torch.where``,
   `fastinst.guard.where_`, row index −1), never read on the host: the engine does not sync
   per step (fastinst/guard.py);
+- between loader epochs: ``stage_start(stage)``, ``stage_done(stage)`` (a stage that ends early:
+  ISL's GAN patience, its mining target) and ``end_epoch(stage, last)`` (per-epoch bookkeeping,
+  values to log);
 - outside the step: ``flush()`` before a checkpoint or an evaluation reads lazily-updated
   state, ``train_features()`` / ``knn_embed()`` for kNN, ``check_config(cfg)`` at config load.
 
@@ -118,6 +121,21 @@ class Method(nn.Module):
         """``@torch.no_grad`` state updates after the optimisers' (gated) steps, applied only
         where the 0-dim bool tensor ``ok`` holds; where it does not, leave the method's state
         (including what the forward changed) as it was before the step."""
+
+    # ---- stage and epoch boundaries (host side, outside the step; the same on every rank) --------
+    def stage_start(self, stage: Stage) -> None:
+        """Called when ``stage`` starts (at its first loader epoch, not on a resume inside it)."""
+
+    def stage_done(self, stage: Stage) -> bool:
+        """Before each loader epoch of ``stage``: True ends the stage now (its remaining epochs are
+        skipped, no data is read). Must agree on every rank (decide from all-reduced values)."""
+        return False
+
+    def end_epoch(self, stage: Stage, last: bool) -> Dict[str, float]:
+        """After each whole loader epoch of ``stage`` (``last``: its final one), before any
+        evaluation or checkpoint: per-epoch bookkeeping (may read the device and use
+        collectives). Returns values the engine logs to metrics.jsonl (kind "method"), or {}."""
+        return {}
 
     # ---- evaluation and state ------------------------------------------------------------------
     def flush(self) -> None:
