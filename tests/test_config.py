@@ -106,6 +106,28 @@ RECIPES = {
                         "aug.crops": [(1, 64, (0.08, 1.0))], "data.path": "data/photos", "method.cmc.K": 0,
                         "method.cmc.loss": "softmax", "method.cmc.T": 0.1, "train.epochs": 12,
                         "loader.batch_size": 32, "eval.at_start": True},
+    # ISL (ZiweiWangTHU/ISL imagenet_main.py): 4 rounds x 100 epochs, full softmax T 0.07, m 0.5, GAN Adam 1e-4
+    # (budget 200), mining tau 0.3, R 0.3, top-10, per 0.5; lr 0.03 / 256, wd 1e-4; final kNN k 200, sigma T.
+    "isl_imagenet_r50.yaml": {
+        **_NPID_AUG, **_IMAGENET_EVAL, "method.name": "isl", "model.arch": "resnet50", "method.isl.T": 0.07,
+        "method.isl.momentum": 0.5, "method.isl.rounds": 4, "train.epochs": 100, "method.isl.gan_lr": 1e-4,
+        "method.isl.gan_epochs": 200, "method.isl.mine_epochs": 200, "method.isl.tau": 0.3, "method.isl.R": 0.3,
+        "method.isl.topk": 10, "method.isl.per": 0.5, "method.isl.negatives": 4096, "method.isl.kl_weight": 0.5,
+        "train.lr": 0.03, "train.lr_batch": 256, "loader.batch_size": 256, "train.weight_decay": 1e-4,
+        "eval.features": "recompute"},
+    # ISL small sets (small_main.py): 4 rounds x 200 epochs, T 0.1, tau 0.5, R 0.6, batch 128, wd 5e-4, no flip.
+    "isl_cifar_r18.yaml": {
+        "method.name": "isl", "model.arch": "resnet18", "model.stem": "small", "aug.crops": [(1, 32, (0.2, 1.0))],
+        "aug.flip_p": 0.0, "aug.jitter": (0.4,) * 4, "aug.grey_p": 0.2, "method.isl.T": 0.1, "method.isl.rounds": 4,
+        "train.epochs": 200, "method.isl.tau": 0.5, "method.isl.R": 0.6, "method.isl.topk": 10,
+        "method.isl.gan_lr": 1e-4, "method.isl.negatives": 4096, "train.lr": 0.03, "train.lr_batch": 128,
+        "loader.batch_size": 128, "train.weight_decay": 5e-4, "eval.knn_k": 200, "eval.knn_sigma": 0.1,
+        "eval.features": "recompute"},
+    # The ISL demo (README 'Methods' table): the small-set values, 2 shortened rounds.
+    "isl_fmnist.yaml": {**_FMNIST, "aug.crops": [(1, 28, (0.3, 1.0))], "data.path": "data/fmnist_10k",
+                        "method.name": "isl", "method.isl.T": 0.1, "method.isl.rounds": 2, "method.isl.tau": 0.5,
+                        "method.isl.R": 0.6, "aug.flip_p": 0.0, "model.width": 0.25, "train.epochs": 4,
+                        "loader.batch_size": 32},
     # The README's main job: sized to finish in minutes on 2 cores (README 'Set-up').
     "npid_fmnist.yaml": {**_FMNIST, "aug.crops": [(1, 28, (0.3, 1.0))], "data.path": "data/fmnist_10k",
                          "method.name": "npid", "method.npid.K": 0, "method.npid.loss": "softmax",

@@ -219,7 +219,7 @@ def test_lr_schedule_warmup_step_cosine():
 @pytest.mark.parametrize("override, match", [
     ("method.npid.loss=hinge", r"'method\.npid\.loss': must be one of \['nce', 'softmax'\]"),
     ("method.npid.T=0", r"'method\.npid\.T': temperature must be > 0"),
-    ("method.name=byol", r"'method\.name': must be one of \['npid', 'pic', 'moco', 'simclr', 'cmc'\]"),
+    ("method.name=byol", r"'method\.name': must be one of \['npid', 'pic', 'moco', 'simclr', 'cmc', 'isl'\]"),
     ("model.arch=vgg16", r"'model\.arch': must be one of"),
     ("model.amp=fp8", r"'model\.amp'"),
     ("train.milestones=[160, 120]", r"'train\.milestones': must be positive epochs in increasing order"),

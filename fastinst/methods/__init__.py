@@ -36,9 +36,9 @@ _SHIPPED: list = []  # module names of the shipped methods, in `_import_all`'s o
 
 
 def _import_all() -> None:
-    from . import npid, pic, moco, simclr, cmc  # (each registers itself)
+    from . import npid, pic, moco, simclr, cmc, isl  # (each registers itself)
 
-    _SHIPPED[:] = [m.__name__ for m in (npid, pic, moco, simclr, cmc)]
+    _SHIPPED[:] = [m.__name__ for m in (npid, pic, moco, simclr, cmc, isl)]
 
 
 def available() -> list:
