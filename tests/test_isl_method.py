@@ -98,7 +98,7 @@ def _planted_isl(d_bias: float, R: float = 0.9, topk: int = 3):
 
     d = 4
     c = ISLConfig(T=0.1, tau=0.5, R=R, topk=topk, cap=4, negatives=4)
-    m = ISL(torch.nn.Flatten(), 8, c, embed_dim=d)
+    m = ISL(torch.nn.Flatten(), 8, c, embed_dim=d, labels=torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[1.0, 0.1, 0.1, 0.1], [0.1, 0.1, 1.0, 0.1]])
     rows = centres.repeat_interleave(4, 0) + 0.01 * torch.rand(8, d, generator=g)
@@ -123,6 +123,7 @@ def test_mining_adds_the_neighbours_inside_the_radius():
     m._mine_step(m, batch, None)
     got = {i: sorted(int(j) for j in m.table.nbr[i] if j >= 0) for i in range(8)}
     assert got == {i: sorted(set(range(4 * (i // 4), 4 * (i // 4) + 4)) - {i}) for i in range(8)}
+    assert m.neighbour_precision() == 1.0  # every pair inside a class
     # D unconvinced (s ~ 0 < tau): no triplet is kept, nothing is added
     m = _planted_isl(d_bias=-10.0)
     m._mine_step(m, batch, None)
@@ -135,6 +136,8 @@ def test_mining_adds_the_neighbours_inside_the_radius():
     m = _planted_isl(d_bias=10.0, R=0.0, topk=5)
     m._mine_step(m, batch, None)
     assert any(int(j) // 4 != i // 4 for i in range(8) for j in m.table.nbr[i] if j >= 0)
+    pairs = [(i, int(j)) for i in range(8) for j in m.table.nbr[i] if j >= 0]
+    assert m.neighbour_precision() == pytest.approx(sum(i // 4 == j // 4 for i, j in pairs) / len(pairs))
 
 
 def test_a_stopped_gan_stage_skips_its_remaining_epochs(colours, tmp_path, monkeypatch):

@@ -93,6 +93,7 @@ class ISL(Method):
         self.best_gen.requires_grad_(False)
         self.rule = StoppingRule(c.gan_patience, c.gan_ema)
         self.labels = None if labels is None else labels[self.bank.start:self.bank.end].clone()
+        self.all_labels = None if labels is None else labels.clone()  # neighbour precision (a report only)
         self._step = 0
         self._epoch = self._zero_meters(device)
 
@@ -270,7 +271,27 @@ class ISL(Method):
         elif stage.name.startswith("mine") and steps:
             st = self.table.stats()
             rec = {"mean_score": g / steps, "triplets_kept": int(kept), "pairs_added": int(added), **st}
+            precision = self.neighbour_precision()
+            if precision is not None:
+                rec["nbr_precision"] = precision
         return rec
+
+    @torch.no_grad()
+    def neighbour_precision(self) -> Optional[float]:
+        """The share of neighbour pairs whose two images have the same label (a report: labels
+        are never used in training); None without labels or pairs."""
+        if self.all_labels is None:
+            return None
+        nbr = self.table.nbr
+        rows = torch.arange(self.table.start, self.table.end, device=nbr.device).unsqueeze(1).expand_as(nbr)
+        valid = nbr >= 0
+        labels = self.all_labels.to(nbr.device)
+        same = (labels[rows[valid]] == labels[nbr[valid]]).sum()
+        counts = torch.stack([same, valid.sum()]).double()
+        if self.bank.world_size > 1:
+            counts = fdist.all_reduce_no_grad(counts, "sum")
+        same, total = counts.tolist()
+        return same / total if total else None
 
     # ---- state -------------------------------------------------------------------------------
     def get_extra_state(self) -> dict:
