@@ -111,7 +111,7 @@ def _planted_isl(d_bias: float, R: float = 0.9, topk: int = 3):
         lin[0].weight[:d, d:2 * d] = torch.eye(d)  # the p part of cat(a, p, n)
         lin[1].weight[:, :d] = torch.eye(d)
         lin[2].weight.copy_(torch.eye(d))
-        disc = [mod for mod in m.nets["disc"].net if isinstance(mod, torch.nn.Linear)]
+        disc = [mod for mod in m.best_disc.net if isinstance(mod, torch.nn.Linear)]
         disc[-1].weight.zero_()
         disc[-1].bias.fill_(d_bias)
     return m

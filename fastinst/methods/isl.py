@@ -7,7 +7,7 @@ Rounds of three stages (fastinst/isl.py has the formulas):
 2. ``gan<r>``: backbone frozen (eval mode, no gradients); G and D on their own Adams. The
    triplet is a = the view's feature, p = M_i, n = the row most similar to a among K uniform
    rows outside A(i) (masked, not redrawn). Ends at its epoch budget or earlier by
-   `fastinst.isl.StoppingRule`; the best G by that rule is the one kept.
+   `fastinst.isl.StoppingRule`; the best (G, D) pair by that rule is the one mining uses.
 3. ``mine<r>``: no gradients. p′ = G(a, p, n), s = D(a, p′, n); where s > τ, the top-k rows
    of M by cosine with p′ (i excluded) above r = R + (1 − s)(1 − R) become neighbours, both
    ways (`fastinst.isl_table.NeighbourTable`). Ends once Σ(|A(i)| − 1) > (r + 1)·per·N, or at
@@ -15,7 +15,7 @@ Rounds of three stages (fastinst/isl.py has the formulas):
 
 The last round trains the backbone only (the seed also runs its GAN and mining, whose
 results are never used). All state (bank, table, G, D, optimisers, the stopping rule, the
-best G) is in the checkpoint, so a run resumes inside any stage; the stage and round are
+best G and D) is in the checkpoint, so a run resumes inside any stage; the stage and round are
 the engine's (they follow from the loader epoch).
 """
 from __future__ import annotations
@@ -75,7 +75,7 @@ class ISLConfig:
 @register("isl")
 class ISL(Method):
     """ISL; trains ``encoder`` (backbone stages), ``gen`` and ``disc`` (GAN stages). This
-    module's state: the bank, the neighbour table, the best G and the stopping rule."""
+    module's state: the bank, the neighbour table, the best G and D and the stopping rule."""
 
     Config = ISLConfig
     needs_views = 1
@@ -89,8 +89,11 @@ class ISL(Method):
         self.bank = ShardedMemoryBank(num_samples, embed_dim, c.momentum, rank=rank, world_size=world_size,
                                       device=device, seed=seed)
         self.table = NeighbourTable(num_samples, c.cap, rank=rank, world_size=world_size, device=device)
-        self.best_gen = Generator(embed_dim)  # the best G by the stopping rule (a copy, not trained)
+        # the best (G, D) pair by the stopping rule: copies, not trained, what mining uses (a D
+        # that trained on past the best G would reject its positives)
+        self.best_gen, self.best_disc = Generator(embed_dim), Discriminator(embed_dim)
         self.best_gen.requires_grad_(False)
+        self.best_disc.requires_grad_(False)
         self.rule = StoppingRule(c.gan_patience, c.gan_ema)
         self.labels = None if labels is None else labels[self.bank.start:self.bank.end].clone()
         self.all_labels = None if labels is None else labels.clone()  # neighbour precision (a report only)
@@ -197,7 +200,7 @@ class ISL(Method):
         a_g = fdist.all_gather_no_grad(a) if self.bank.world_size > 1 else a  # [B, D]
         p_g, n_g = self._triplet(a_g, index_g)
         fake = self.best_gen(a_g, p_g, n_g)  # [B, D], the same on every rank
-        score = torch.sigmoid(unwrap(self.nets["disc"])(a_g, fake, n_g).float())  # [B]
+        score = torch.sigmoid(self.best_disc(a_g, fake, n_g).float())  # [B]
         radius = mining_radius(score, self.c.R)  # [B]
         sim, cols = self._topk(fake, index_g)  # [B, k]
         take = (score > self.c.tau).unsqueeze(1) & (sim > radius.unsqueeze(1)) & (cols >= 0)
@@ -254,7 +257,7 @@ class ISL(Method):
 
     def end_epoch(self, stage: Stage, last: bool) -> Dict[str, float]:
         """Per-epoch bookkeeping on the host (one read): the stopping rule after a GAN epoch
-        (keeping the best G), the neighbour statistics after a mining epoch."""
+        (keeping the best G and D), the neighbour statistics after a mining epoch."""
         m = self._epoch
         if self.bank.world_size > 1:
             m = fdist.all_reduce_no_grad(m, "sum")
@@ -266,6 +269,7 @@ class ISL(Method):
             is_best, stop = self.rule.update(g)
             if is_best:
                 self.best_gen.load_state_dict(unwrap(self.nets["gen"]).state_dict())
+                self.best_disc.load_state_dict(unwrap(self.nets["disc"]).state_dict())
             rec = {"g_loss": g, "g_loss_ema": self.rule.ema, "d_acc_real": real / steps, "d_acc_fake": fake / steps,
                    "best": bool(is_best), "stopped": bool(stop)}
         elif stage.name.startswith("mine") and steps:
