@@ -104,14 +104,14 @@ def _planted_isl(d_bias: float, R: float = 0.9, topk: int = 3):
     rows = centres.repeat_interleave(4, 0) + 0.01 * torch.rand(8, d, generator=g)
     m.bank.shard.copy_(torch.nn.functional.normalize(rows, dim=1))
     with torch.no_grad():
-        lin = [mod for mod in m.best_gen.net if isinstance(mod, torch.nn.Linear)]
+        lin = [mod for mod in m.kept_gen.net if isinstance(mod, torch.nn.Linear)]
         for mod in lin:
             mod.weight.zero_()
             mod.bias.zero_()
         lin[0].weight[:d, d:2 * d] = torch.eye(d)  # the p part of cat(a, p, n)
         lin[1].weight[:, :d] = torch.eye(d)
         lin[2].weight.copy_(torch.eye(d))
-        disc = [mod for mod in m.best_disc.net if isinstance(mod, torch.nn.Linear)]
+        disc = [mod for mod in m.kept_disc.net if isinstance(mod, torch.nn.Linear)]
         disc[-1].weight.zero_()
         disc[-1].bias.fill_(d_bias)
     return m
@@ -140,22 +140,25 @@ def test_mining_adds_the_neighbours_inside_the_radius():
     assert m.neighbour_precision() == pytest.approx(sum(i // 4 == j // 4 for i, j in pairs) / len(pairs))
 
 
-def test_a_stopped_gan_stage_skips_its_remaining_epochs(colours, tmp_path, monkeypatch):
-    """The rule stops after the 2nd of 4 GAN epochs (forced here; the rule itself is tested on
-    scripted losses in test_isl.py): epochs 3-4 are skipped without reading data, mining runs."""
+@pytest.mark.parametrize("keep", ["last", "best"])
+def test_a_stopped_gan_stage_skips_its_remaining_epochs(colours, tmp_path, monkeypatch, keep):
+    """The rule (scripted here; the rule itself is tested on scripted losses in test_isl.py) calls
+    GAN epoch 1 the best and stops after epoch 2 of 4: epochs 3-4 are skipped without reading
+    data, mining runs with the (G, D) of epoch 2 (gan_keep=last) or of epoch 1 (best)."""
     from fastinst.isl import StoppingRule
 
     real = StoppingRule.update
 
-    def update(self, loss):
-        is_best, _ = real(self, loss)
+    def update(self, loss):  # scripted: epoch 1 is the best, epoch 2 is not and stops
+        real(self, loss)
         self.calls = getattr(self, "calls", 0) + 1
         self.stopped = self.calls >= 2
-        return is_best, self.stopped
+        return self.calls == 1, self.stopped
 
     monkeypatch.setattr(StoppingRule, "update", update)
     out = str(tmp_path / "run")
-    engine.train(cfg_of(colours, "method.isl.gan_epochs=4", "method.isl.gan_patience=1"), out)
+    tr = engine.train(cfg_of(colours, "method.isl.gan_epochs=4", "method.isl.gan_patience=1",
+                             f"method.isl.gan_keep={keep}"), out)
     recs = records(out)
     gan = [r for r in recs if r["kind"] == "method" and r["stage"] == "gan0"]
     assert [r["stopped"] for r in gan] == [False, True]
@@ -163,10 +166,12 @@ def test_a_stopped_gan_stage_skips_its_remaining_epochs(colours, tmp_path, monke
         {"kind": "stage", "step": 12, "epoch": 3, "stage": "gan0", "skipped_epochs": 2}]
     stages = [r["stage"] for r in recs if r["kind"] == "train"]
     assert stages == ["train0"] * 4 + ["gan0"] * 8 + ["mine0"] * 8 + ["train1"] * 4
-    best = float("inf")  # the logged decisions follow the logged EMA
-    for r in gan:
-        assert r["best"] == (r["g_loss_ema"] < best)
-        best = min(best, r["g_loss_ema"])
+    assert [r["best"] for r in gan] == [True, False]
+    # the pair mining used: the G and D of the last GAN epoch, or of the last best one
+    kept_step = gan[-1]["step"] if keep == "last" else [r for r in gan if r["best"]][-1]["step"]
+    saved = load_checkpoint(os.path.join(out, "checkpoints", f"ckpt_{kept_step:09d}"))["modules"]
+    for name, mod in (("gen", tr.method.kept_gen), ("disc", tr.method.kept_disc)):
+        assert_same(dict(mod.state_dict()), dict(saved[name]))
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ Rounds of three stages (fastinst/isl.py has the formulas):
 2. ``gan<r>``: backbone frozen (eval mode, no gradients); G and D on their own Adams. The
    triplet is a = the view's feature, p = M_i, n = the row most similar to a among K uniform
    rows outside A(i) (masked, not redrawn). Ends at its epoch budget or earlier by
-   `fastinst.isl.StoppingRule`; the best (G, D) pair by that rule is the one mining uses.
+   `fastinst.isl.StoppingRule`. Mining uses the last epoch's (G, D) pair (the seed's), or with
+   ``gan_keep=best`` the pair of the epoch with the best G-loss EMA.
 3. ``mine<r>``: no gradients. p′ = G(a, p, n), s = D(a, p′, n); where s > τ, the top-k rows
    of M by cosine with p′ (i excluded) above r = R + (1 − s)(1 − R) become neighbours, both
    ways (`fastinst.isl_table.NeighbourTable`). Ends once Σ(|A(i)| − 1) > (r + 1)·per·N, or at
@@ -15,14 +16,14 @@ Rounds of three stages (fastinst/isl.py has the formulas):
 
 The last round trains the backbone only (the seed also runs its GAN and mining, whose
 results are never used). All state (bank, table, G, D, optimisers, the stopping rule, the
-best G and D) is in the checkpoint, so a run resumes inside any stage; the stage and round are
+kept G and D) is in the checkpoint, so a run resumes inside any stage; the stage and round are
 the engine's (they follow from the loader epoch).
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Literal, Optional, Sequence
 
 import torch
 from torch import nn
@@ -50,6 +51,8 @@ class ISLConfig:
     gan_lr: float = 1e-4  # Adam, G and D
     gan_patience: int = 0  # GAN epochs without a better G-loss EMA that end the stage (0: budget only)
     gan_ema: float = 0.5  # EMA factor of the per-epoch mean G loss
+    # the (G, D) pair mining uses: the last GAN epoch's (the seed) or the best by the G-loss EMA
+    gan_keep: Literal["last", "best"] = "last"
     negatives: int = 4096  # uniform rows the GAN's hard negative is picked from
     mine_epochs: float = 200  # mining cap per round (passes)
     tau: float = 0.3  # D score above which a generated positive mines neighbours
@@ -75,7 +78,7 @@ class ISLConfig:
 @register("isl")
 class ISL(Method):
     """ISL; trains ``encoder`` (backbone stages), ``gen`` and ``disc`` (GAN stages). This
-    module's state: the bank, the neighbour table, the best G and D and the stopping rule."""
+    module's state: the bank, the neighbour table, the kept G and D and the stopping rule."""
 
     Config = ISLConfig
     needs_views = 1
@@ -89,11 +92,12 @@ class ISL(Method):
         self.bank = ShardedMemoryBank(num_samples, embed_dim, c.momentum, rank=rank, world_size=world_size,
                                       device=device, seed=seed)
         self.table = NeighbourTable(num_samples, c.cap, rank=rank, world_size=world_size, device=device)
-        # the best (G, D) pair by the stopping rule: copies, not trained, what mining uses (a D
-        # that trained on past the best G would reject its positives)
-        self.best_gen, self.best_disc = Generator(embed_dim), Discriminator(embed_dim)
-        self.best_gen.requires_grad_(False)
-        self.best_disc.requires_grad_(False)
+        # the (G, D) pair mining uses: copies, not trained, of the last GAN epoch's or of the best
+        # one by the stopping rule (method.isl.gan_keep), always as a pair (a D that trained on
+        # past the kept G would reject its positives)
+        self.kept_gen, self.kept_disc = Generator(embed_dim), Discriminator(embed_dim)
+        self.kept_gen.requires_grad_(False)
+        self.kept_disc.requires_grad_(False)
         self.rule = StoppingRule(c.gan_patience, c.gan_ema)
         self.labels = None if labels is None else labels[self.bank.start:self.bank.end].clone()
         self.all_labels = None if labels is None else labels.clone()  # neighbour precision (a report only)
@@ -199,8 +203,8 @@ class ISL(Method):
         a, _, index_g = self._features(batch)
         a_g = fdist.all_gather_no_grad(a) if self.bank.world_size > 1 else a  # [B, D]
         p_g, n_g = self._triplet(a_g, index_g)
-        fake = self.best_gen(a_g, p_g, n_g)  # [B, D], the same on every rank
-        score = torch.sigmoid(self.best_disc(a_g, fake, n_g).float())  # [B]
+        fake = self.kept_gen(a_g, p_g, n_g)  # [B, D], the same on every rank
+        score = torch.sigmoid(self.kept_disc(a_g, fake, n_g).float())  # [B]
         radius = mining_radius(score, self.c.R)  # [B]
         sim, cols = self._topk(fake, index_g)  # [B, k]
         take = (score > self.c.tau).unsqueeze(1) & (sim > radius.unsqueeze(1)) & (cols >= 0)
@@ -257,7 +261,7 @@ class ISL(Method):
 
     def end_epoch(self, stage: Stage, last: bool) -> Dict[str, float]:
         """Per-epoch bookkeeping on the host (one read): the stopping rule after a GAN epoch
-        (keeping the best G and D), the neighbour statistics after a mining epoch."""
+        (keeping G and D for mining), the neighbour statistics after a mining epoch."""
         m = self._epoch
         if self.bank.world_size > 1:
             m = fdist.all_reduce_no_grad(m, "sum")
@@ -267,9 +271,9 @@ class ISL(Method):
         if stage.name.startswith("gan") and steps:
             g /= steps
             is_best, stop = self.rule.update(g)
-            if is_best:
-                self.best_gen.load_state_dict(unwrap(self.nets["gen"]).state_dict())
-                self.best_disc.load_state_dict(unwrap(self.nets["disc"]).state_dict())
+            if is_best or self.c.gan_keep == "last":
+                self.kept_gen.load_state_dict(unwrap(self.nets["gen"]).state_dict())
+                self.kept_disc.load_state_dict(unwrap(self.nets["disc"]).state_dict())
             rec = {"g_loss": g, "g_loss_ema": self.rule.ema, "d_acc_real": real / steps, "d_acc_fake": fake / steps,
                    "best": bool(is_best), "stopped": bool(stop)}
         elif stage.name.startswith("mine") and steps:
