@@ -126,8 +126,8 @@ RECIPES = {
     # The ISL demo (README 'Methods' table): the small-set values, 2 shortened rounds.
     "isl_fmnist.yaml": {**_FMNIST, "aug.crops": [(1, 28, (0.3, 1.0))], "data.path": "data/fmnist_10k",
                         "method.name": "isl", "method.isl.T": 0.1, "method.isl.rounds": 2, "method.isl.tau": 0.5,
-                        "method.isl.R": 0.6, "aug.flip_p": 0.0, "model.width": 0.25, "train.epochs": 4,
-                        "loader.batch_size": 32},
+                        "method.isl.R": 0.6, "aug.flip_p": 0.0, "model.width": 0.25, "train.epochs": 6,
+                        "loader.batch_size": 32, "train.schedule": "cosine"},
     # The README's main job: sized to finish in minutes on 2 cores (README 'Set-up').
     "npid_fmnist.yaml": {**_FMNIST, "aug.crops": [(1, 28, (0.3, 1.0))], "data.path": "data/fmnist_10k",
                          "method.name": "npid", "method.npid.K": 0, "method.npid.loss": "softmax",
