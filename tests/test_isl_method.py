@@ -187,3 +187,26 @@ def test_resume_inside_each_stage_equals_the_uninterrupted_run(colours, tmp_path
     lf = [r["loss"] for r in records(full) if r["kind"] == "train"]
     lp = [r["loss"] for r in records(part) if r["kind"] == "train"]
     assert lp == lf
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(colours, tmp_path):
+    """2 gloo ranks x batch B == 1 process x 2B (BN removed, deterministic views): the backbone,
+    GAN and mining steps with G and D in DDP, the sharded bank and neighbour table."""
+    from tests.distutil import train_on_worlds
+
+    args = TINY + [f"data.path={colours}", "aug.crops=[{count: 1, size: 16, scale: [1.0, 1.0], ratio: [1.0, 1.0]}]",
+                   "aug.flip_p=0", "aug.jitter_p=0", "aug.grey_p=0", "train.lr_batch=16"]
+    runs = {}
+    for world, (out, ckpt) in train_on_worlds(tmp_path, args, ((1, 16), (2, 8)), what="isl").items():
+        states = [load_checkpoint(ckpt, rank=r, world_size=world)["method"] for r in range(world)]
+        tables = {k: torch.cat([s[k] for s in states]) for k in ("bank.shard", "table.nbr", "table.sim")}
+        recs = records(out)
+        runs[world] = ([r["loss"] for r in recs if r["kind"] == "train"], tables,
+                       [r for r in recs if r["kind"] == "method"])
+    (l1, t1, m1), (l2, t2, m2) = runs[1], runs[2]
+    assert len(l1) == len(l2) == 12 and l2 == pytest.approx(l1, rel=1e-4)
+    torch.testing.assert_close(t2["bank.shard"], t1["bank.shard"], rtol=1e-4, atol=1e-5)
+    assert torch.equal(t2["table.nbr"], t1["table.nbr"])
+    assert [(r["stage"], r.get("pairs"), r.get("triplets_kept")) for r in m2] == \
+        [(r["stage"], r.get("pairs"), r.get("triplets_kept")) for r in m1]

@@ -196,7 +196,10 @@ class ISL(Method):
             upd = torch.cat([torch.ones(1, dtype=torch.float64, device=acc.device), lg.detach().double().view(1),
                              acc, torch.zeros(2, dtype=torch.float64, device=acc.device)])
             self._epoch += torch.where(ok, upd, torch.zeros_like(upd))
-        return {"loss": lg, "d_loss": ld.detach()}
+        shown = torch.stack([lg.detach(), ld.detach()])  # the global batch's means (DDP averages the gradients)
+        if self.bank.world_size > 1:
+            shown = fdist.all_reduce_no_grad(shown, "sum") / self.bank.world_size
+        return {"loss": shown[0], "d_loss": shown[1]}
 
     @torch.no_grad()
     def _mine_step(self, method, batch: dict, backward) -> dict:
@@ -215,7 +218,8 @@ class ISL(Method):
                            torch.zeros((), dtype=torch.float64, device=kept.device),
                            torch.zeros((), dtype=torch.float64, device=kept.device), kept,
                            torch.tensor(float(added), dtype=torch.float64, device=kept.device)])
-        self._epoch += upd
+        if self.bank.rank == 0:  # every rank mined the same global batch: count it once
+            self._epoch += upd
         return {"loss": score.mean()}
 
     def _topk(self, q: torch.Tensor, index_g: torch.Tensor) -> tuple:
