@@ -294,6 +294,7 @@ def _train_loop(tr: Trainer, log: MetricsLog, pre: Optional[Preemption] = None) 
             continue
         _enter(tr, stage)
         meter.waiting()
+        deferred = None  # a save due on the epoch's last batch: made after the epoch's bookkeeping
         for batch in loader:
             meter.arrived()
             if not started:  # the loader's start-up is not throughput: time from the first batch on
@@ -305,15 +306,10 @@ def _train_loop(tr: Trainer, log: MetricsLog, pre: Optional[Preemption] = None) 
             if tr.step % tr.cfg.train.log_every == 0:
                 _log_step(tr, log, meter, stage, epoch, loss, ok)
                 save, stop = pre.due(tr.env)
-                if save:
-                    with meter.paused():
-                        path = tr.save()
-                        pre.saved()
-                    log0(tr.env, f"{'preempted (signal)' if stop else 'time-based save'}: checkpoint {path} at step "
-                                 f"{tr.step} (epoch {epoch}, batch {loader.next_batch})")
-                    if stop:
-                        tr.preempted = True
-                        return
+                if save and loader.next_batch >= len(loader):
+                    deferred = stop  # a checkpoint written before end_epoch would resume without it
+                elif save and _mid_epoch_save(tr, pre, meter, epoch, stop):
+                    return
             if clock.stops(tr.step):
                 break
             meter.waiting()
@@ -324,11 +320,26 @@ def _train_loop(tr: Trainer, log: MetricsLog, pre: Optional[Preemption] = None) 
                 log.write({"kind": "method", "step": tr.step, "epoch": epoch + 1, "stage": stage.name, **rec})
                 log0(tr.env, f"ep {epoch + 1}/{tr.loader_epochs} {stage.name}: "
                              + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
-        _after_epoch(tr, log, pre, meter, epoch, loader.next_batch)
+        saved = _after_epoch(tr, log, pre, meter, epoch, loader.next_batch)
+        if deferred is not None and _mid_epoch_save(tr, pre, meter, epoch, deferred, saved):
+            return
 
 
-def _after_epoch(tr: Trainer, log: MetricsLog, pre: Preemption, meter: Meter, epoch: int, next_batch: int) -> None:
-    """What is due after loader epoch ``epoch`` ran to batch ``next_batch``: evaluation, a save."""
+def _mid_epoch_save(tr: Trainer, pre: Preemption, meter: Meter, epoch: int, stop: bool, saved: bool = False) -> bool:
+    """A time-based or preemption save (``saved``: the epoch end just wrote this step's
+    checkpoint); returns whether the run stops here (a signal)."""
+    with meter.paused():
+        path = tr.save() if not saved else os.path.join(tr.ckpt_dir, f"ckpt_{tr.step:09d}")
+        pre.saved()
+    log0(tr.env, f"{'preempted (signal)' if stop else 'time-based save'}: checkpoint {path} at step "
+                 f"{tr.step} (epoch {epoch}, batch {tr.loader.next_batch})")
+    tr.preempted = stop
+    return stop
+
+
+def _after_epoch(tr: Trainer, log: MetricsLog, pre: Preemption, meter: Meter, epoch: int, next_batch: int) -> bool:
+    """What is due after loader epoch ``epoch`` ran to batch ``next_batch``: evaluation, a save
+    (returns whether it saved)."""
     done, due = tr.clock.after_epoch(epoch, next_batch, tr.step)
     with meter.paused():  # evaluation and checkpoint time is not training throughput
         check_guard(tr)
@@ -337,6 +348,7 @@ def _after_epoch(tr: Trainer, log: MetricsLog, pre: Preemption, meter: Meter, ep
         if due.save:
             tr.save()
             pre.saved()
+    return due.save
 
 
 def train(cfg: Config, out_dir: str, resume: Optional[str] = None) -> Trainer:
@@ -369,7 +381,7 @@ def train(cfg: Config, out_dir: str, resume: Optional[str] = None) -> Trainer:
 
 
 def evaluate_checkpoint(cfg: Config, path: str) -> Dict[str, float]:
-    """kNN accuracy of a saved checkpoint (``launch.py eval``); same world size as the save."""
+    """kNN accuracy of a saved checkpoint (``launch.py eval``), at any world size."""
     env = init_distributed(cfg.dist.timeout_minutes)
     cfg = for_world(cfg, env.world)
     tr = build_trainer(cfg, os.path.dirname(os.path.abspath(path)), env)

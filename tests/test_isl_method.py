@@ -3,6 +3,7 @@ backbone frozen outside its stages, mining adds symmetric pairs, the GAN's patie
 stage early, and a run stopped inside any stage resumes to the uninterrupted run."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -210,3 +211,20 @@ def test_two_processes_match_one(colours, tmp_path):
     assert torch.equal(t2["table.nbr"], t1["table.nbr"])
     assert [(r["stage"], r.get("pairs"), r.get("triplets_kept")) for r in m2] == \
         [(r["stage"], r.get("pairs"), r.get("triplets_kept")) for r in m1]
+
+
+def test_a_time_based_save_on_an_epochs_last_batch_includes_its_bookkeeping(colours, tmp_path):
+    """train.ckpt_minutes tiny: a save at every step. The one on the last batch of GAN epoch 1
+    (step 8) is made after that epoch's end_epoch (the stopping rule's update), so a run
+    resumed from it ends where the uninterrupted one does."""
+    over = ["train.ckpt_minutes=0.000001", "train.ckpt_every=0", "train.keep=100"]
+    full = str(tmp_path / "full")
+    engine.train(cfg_of(colours, *over), full)
+    part = str(tmp_path / "part")
+    os.makedirs(os.path.join(part, "checkpoints"))
+    name = "ckpt_000000008"
+    shutil.copytree(os.path.join(full, "checkpoints", name), os.path.join(part, "checkpoints", name))
+    rule = load_checkpoint(os.path.join(part, "checkpoints", name))["method"]["_extra_state"]["rule"]
+    assert rule["ema"] is not None  # GAN epoch 1's loss is in the rule
+    engine.train(cfg_of(colours, *over), part)
+    assert_same(state_of(part), state_of(full))
