@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .build import build_loaders, build_method, build_plan, loader_epoch_scale, resolve_amp, resolve_resume
-from .checkpoint import load_checkpoint, save_checkpoint, saved_world_size
+from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, saved_world_size
 from .config import Config, for_world, save_config, to_dict
 from .evaluation import EvalData, evaluate
 from .guard import Guard, finite_and, gated_step, where_
@@ -329,7 +329,7 @@ def _mid_epoch_save(tr: Trainer, pre: Preemption, meter: Meter, epoch: int, stop
     """A time-based or preemption save (``saved``: the epoch end just wrote this step's
     checkpoint); returns whether the run stops here (a signal)."""
     with meter.paused():
-        path = tr.save() if not saved else os.path.join(tr.ckpt_dir, f"ckpt_{tr.step:09d}")
+        path = tr.save() if not saved else checkpoint_path(tr.ckpt_dir, tr.step)
         pre.saved()
     log0(tr.env, f"{'preempted (signal)' if stop else 'time-based save'}: checkpoint {path} at step "
                  f"{tr.step} (epoch {epoch}, batch {tr.loader.next_batch})")

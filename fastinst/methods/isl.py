@@ -36,6 +36,7 @@ from ..isl_table import NeighbourTable
 from ..memory import ShardedMemoryBank
 from ..runtime import generator
 from . import register
+from .npid import bank_features
 from .base import BuildContext, Method, Stage, check_row_layout, unwrap
 
 
@@ -99,8 +100,8 @@ class ISL(Method):
         self.kept_gen.requires_grad_(False)
         self.kept_disc.requires_grad_(False)
         self.rule = StoppingRule(c.gan_patience, c.gan_ema)
-        self.labels = None if labels is None else labels[self.bank.start:self.bank.end].clone()
-        self.all_labels = None if labels is None else labels.clone()  # neighbour precision (a report only)
+        # [N] train labels: kNN on the bank rows and the neighbour precision (reports only)
+        self.all_labels = None if labels is None else labels.clone()
         self._step = 0
         self._epoch = self._zero_meters(device)
 
@@ -147,7 +148,7 @@ class ISL(Method):
         index = batch["index"].to(device, non_blocking=True)
         view = batch["views"][0].to(device, non_blocking=True)
         f = self.nets["encoder"](view).float()  # [b, D]
-        return f, index, fdist.all_gather_no_grad(index) if self.bank.world_size > 1 else index
+        return f, index, fdist.all_gather_no_grad(index)
 
     def _local(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's slice of a global-batch tensor (ranks' batches are equal, in rank order)."""
@@ -172,7 +173,7 @@ class ISL(Method):
     # ---- the three steps -------------------------------------------------------------------
     def _train_step(self, method, batch: dict, backward) -> dict:
         f, index, index_g = self._features(batch)
-        f_g = fdist.all_gather_with_grad(f) if self.bank.world_size > 1 else f  # [B, D]
+        f_g = fdist.all_gather_with_grad(f)  # [B, D]
         nbrs = self.table.neighbours(index_g)  # [B, cap]
         out = isl_loss(f_g, index_g, nbrs, self.bank, self.c.T, self.c.kl_weight)
         backward(out["loss"])
@@ -181,7 +182,7 @@ class ISL(Method):
     def _gan_step(self, method, batch: dict, backward) -> dict:
         with torch.no_grad():
             a, _, index_g = self._features(batch)  # frozen backbone (eval mode)
-            a_g = fdist.all_gather_no_grad(a) if self.bank.world_size > 1 else a
+            a_g = fdist.all_gather_no_grad(a)
             p_g, n_g = self._triplet(a_g, index_g)
         p, n = self._local(p_g), self._local(n_g)
         fake = self.nets["gen"](a, p, n)  # [b, D]
@@ -204,7 +205,7 @@ class ISL(Method):
     @torch.no_grad()
     def _mine_step(self, method, batch: dict, backward) -> dict:
         a, _, index_g = self._features(batch)
-        a_g = fdist.all_gather_no_grad(a) if self.bank.world_size > 1 else a  # [B, D]
+        a_g = fdist.all_gather_no_grad(a)  # [B, D]
         p_g, n_g = self._triplet(a_g, index_g)
         fake = self.kept_gen(a_g, p_g, n_g)  # [B, D], the same on every rank
         score = torch.sigmoid(self.kept_disc(a_g, fake, n_g).float())  # [B]
@@ -313,11 +314,9 @@ class ISL(Method):
         self.rule.load(state["rule"])
         self._epoch.copy_(state["epoch_meters"])
 
-    @torch.no_grad()
     def train_features(self):
-        if self.labels is None:
-            return None
-        return self.bank.shard, self.labels.to(self.bank.shard.device)
+        labels = None if self.all_labels is None else self.all_labels[self.bank.start:self.bank.end]
+        return bank_features(self.bank, labels)
 
     def extra_repr(self) -> str:
         return f"T={self.c.T}, rounds={self.c.rounds}, cap={self.c.cap}"

@@ -66,6 +66,15 @@ def check_bank_loss_keys(c, name: str, seed: str) -> None:
     check(0.0 <= c.z_ema < 1.0, f"{key}.z_ema", "must lie in [0, 1)")
 
 
+@torch.no_grad()
+def bank_features(bank: ShardedMemoryBank, labels: Optional[torch.Tensor]):
+    """(bank shard [rows_local, D], labels [rows_local]) for weighted kNN on a method's memory
+    bank (NPID's, ISL's); None without labels. ``labels``: those of the rows the shard owns."""
+    if labels is None:
+        return None
+    return bank.shard, labels.to(bank.shard.device)
+
+
 @register("npid", default=True)
 class NPID(Method):
     """NPID objective + sharded memory bank; trains ``encoder``. This module's state_dict is
@@ -115,12 +124,9 @@ class NPID(Method):
         self.criterion.keep_z_if(ok)
 
     # ---- evaluation ----------------------------------------------------------------------
-    @torch.no_grad()
     def train_features(self):
         """(bank shard [rows_local, D], labels [rows_local]) of this rank, for weighted kNN."""
-        if self.labels is None:
-            return None
-        return self.bank.shard, self.labels.to(self.bank.shard.device)
+        return bank_features(self.bank, self.labels)
 
     def extra_repr(self) -> str:
         c = self.criterion
