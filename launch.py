@@ -35,6 +35,14 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+def _load_config(path, overrides):
+    """The config of ``path`` with ``overrides``, the registered methods' sections included."""
+    import fastinst.methods  # noqa: F401  (registers the methods' config sections)
+    from fastinst.config import load_config
+
+    return load_config(path, overrides)
+
+
 def _cmd_prepare(args) -> int:
     from loaders import prepare
 
@@ -52,11 +60,10 @@ def _cmd_prepare(args) -> int:
 
 
 def _cmd_profile(args) -> int:
-    from fastinst.config import load_config
-    from fastinst.runtime import DistEnv
+    from fastinst.core.runtime import DistEnv
     from loaders.profile import run_profile
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_config(args.config, args.overrides)
     env = DistEnv.from_env()
     out = args.out if env.world == 1 else os.path.join(args.out, f"rank{env.rank}")
     run_profile(cfg, out, env)
@@ -64,12 +71,11 @@ def _cmd_profile(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from fastinst.config import load_config
-    from fastinst.engine import train
-    from fastinst.runtime import main_guard
+    from fastinst.train.engine import train
+    from fastinst.core.runtime import main_guard
 
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
-    cfg = load_config(args.config, overrides)
+    cfg = _load_config(args.config, overrides)
     main_guard(train, cfg, args.out)
     if int(os.environ.get("RANK", 0)) == 0:
         _print_knn_summary(os.path.join(args.out, "metrics.jsonl"))
@@ -97,11 +103,10 @@ def _print_knn_summary(path: str) -> None:
 def _cmd_eval(args) -> int:
     import json
 
-    from fastinst.config import load_config
-    from fastinst.engine import evaluate_checkpoint
-    from fastinst.runtime import main_guard
+    from fastinst.train.engine import evaluate_checkpoint
+    from fastinst.core.runtime import main_guard
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_config(args.config, args.overrides)
     res = main_guard(evaluate_checkpoint, cfg, args.checkpoint)
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(res))
@@ -111,13 +116,12 @@ def _cmd_eval(args) -> int:
 def _cmd_linear(args) -> int:
     import json
 
-    from fastinst.config import load_config
-    from fastinst.runtime import main_guard
-    from fastinst.linear import linear_probe
+    from fastinst.core.runtime import main_guard
+    from fastinst.eval.linear import linear_probe
 
     overrides = list(args.overrides) + ([f"linear.resume={args.resume}"] if args.resume else [])
     overrides += [f"linear.stages=[{args.stages}]"] if args.stages else []
-    cfg = load_config(args.config, overrides)
+    cfg = _load_config(args.config, overrides)
     res = main_guard(linear_probe, cfg, args.checkpoint, args.out)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"linear probe: top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}% after epoch {res['epoch']:g} "
@@ -132,11 +136,10 @@ def _cmd_linear(args) -> int:
 def _cmd_svm(args) -> int:
     import json
 
-    from fastinst.config import load_config
-    from fastinst.runtime import main_guard
-    from fastinst.svm import plot_low_shot, run_svm
+    from fastinst.core.runtime import main_guard
+    from fastinst.eval.svm import plot_low_shot, run_svm
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_config(args.config, args.overrides)
     res = main_guard(run_svm, cfg, args.checkpoint, args.out)
     base = None
     if args.baseline == "random":  # the same protocol on the untrained encoder
@@ -162,12 +165,11 @@ def _cmd_svm(args) -> int:
 def _cmd_export(args) -> int:
     import json
 
-    from fastinst.config import load_config
-    from fastinst.export import export_backbone
+    from fastinst.eval.export import export_backbone
 
     if args.overrides and not args.config:
         raise SystemExit("export: config overrides need --config (the architecture comes from the checkpoint)")
-    cfg = load_config(args.config, args.overrides) if args.config else None
+    cfg = _load_config(args.config, args.overrides) if args.config else None
     if int(os.environ.get("RANK", 0)) == 0:  # one writer under torchrun
         print(json.dumps(export_backbone(args.checkpoint, args.out, cfg, fmt=args.format or "torchvision")))
     return 0
@@ -251,7 +253,7 @@ def main(argv=None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     from fastinst.config import ConfigError
-    from fastinst.checkpoint import CheckpointError
+    from fastinst.train.checkpoint import CheckpointError
     from loaders.sources import DataError
 
     try:
@@ -260,7 +262,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        from fastinst.engine import NonFiniteLossError
+        from fastinst.train.trainer import NonFiniteLossError
 
         if not isinstance(e, NonFiniteLossError):
             raise

@@ -26,8 +26,8 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from fastinst.optim import sgd  # noqa: E402
-from fastinst.model import build_model  # noqa: E402
+from fastinst.train.optim import sgd  # noqa: E402
+from fastinst.core.model import build_model  # noqa: E402
 
 
 def cpu_name() -> str:

@@ -10,7 +10,7 @@ side-by-side ratios measured in the same run:
 - the memory-bank momentum update: the fused Triton kernel against the plain torch
   index_select / index_copy_ path (CUDA only; on the CPU only the torch path runs).
 
-Every case runs ``fastinst.engine.train_step`` — the trainer's own step — so the numbers are
+Every case runs ``fastinst.train.trainer.train_step`` — the trainer's own step — so the numbers are
 the trainer's, minus data loading (``launch.py profile`` measures the loader; the ratio of
 the two is the end-to-end check).
 
@@ -38,11 +38,11 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from fastinst import build, engine  # noqa: E402
-from fastinst.runtime import init_distributed  # noqa: E402
+from fastinst.train import build, trainer  # noqa: E402
+from fastinst.core.runtime import init_distributed  # noqa: E402
 from fastinst.config import load_config  # noqa: E402
-from fastinst.memory import ShardedMemoryBank  # noqa: E402
-from fastinst.model import make_grad_scaler  # noqa: E402
+from fastinst.methods.npid.bank import ShardedMemoryBank  # noqa: E402
+from fastinst.core.model import make_grad_scaler  # noqa: E402
 from fastinst.methods.base import Method, embed_views  # noqa: E402
 
 DEFAULT_CONFIGS = ["npid_imagenet_r50", "instdisc_imagenet_r50", "pic_imagenet_r50", "mocov2_imagenet_r50",
@@ -107,7 +107,7 @@ def time_case(name: str, cfg, n: int, env, steps: int, warmup: int, baseline: bo
         method.before_step(i)
         sync(env.device)
         t0 = time.perf_counter()
-        out, loss, ok = engine.train_step(method, optimizers, scaler, amp, env.device.type, batch, stage.step)
+        out, loss, ok = trainer.train_step(method, optimizers, scaler, amp, env.device.type, batch, stage.step)
         method.after_step(out, ok)
         sync(env.device)
         if i >= warmup:

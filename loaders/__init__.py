@@ -2,13 +2,13 @@
 
 ``build_loader(cfg, split)`` is the one entry point the engine uses; it returns an iterable of
 ``{"views": [...], "index": LongTensor, "label": LongTensor}`` with ``len()`` and
-``state_dict()/load_state_dict()``. Only ``loaders.dali_backend`` imports ``nvidia.dali``.
+``state_dict()/load_state_dict()``. Only ``loaders.dali_backend`` and ``loaders.dali_graph`` import ``nvidia.dali``.
 """
 from __future__ import annotations
 
 from typing import Optional
 
-from fastinst.runtime import DistEnv
+from fastinst.core.runtime import DistEnv
 
 from .sources import DataError, Source, open_source  # noqa: F401  (public API)
 

@@ -10,7 +10,7 @@ normalisation constants (the seed code's, in the colour space's own units):
 `normalisation(aug)` gives the (mean, std) a backend subtracts and divides by; for rgb they
 are ``aug.mean`` / ``aug.std`` times 255. The numpy conversions here serve the torchvision
 backend; the DALI graph builds the same formulas from its arithmetic operators
-(loaders/dali_backend.py), so both backends give the same views.
+(loaders/dali_graph.py), so both backends give the same views.
 """
 from __future__ import annotations
 

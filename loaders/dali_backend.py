@@ -1,7 +1,7 @@
 """NVIDIA DALI backend: decode each image once, cut every view from it.
 
-The augmentation graphs are plain functions (``decode``, ``train_view``, ``eval_view``) that
-take DALI data nodes; the same functions build the GPU pipeline (``device='mixed'`` decoding,
+The augmentation graphs are plain functions (``decode``, ``train_view``, ``eval_view``,
+loaders/dali_graph.py) that take DALI data nodes; the same functions build the GPU pipeline (``device='mixed'`` decoding,
 hardware JPEG decoder where present, all ops on the GPU) and the CPU-only one (every op on
 the CPU, ``device_id=None``). Samples enter through a parallel ``external_source`` whose
 callback reads the bytes chosen by our resumable sampler, so the order is ours, not DALI's.
@@ -16,7 +16,7 @@ the rank, the world size or a resume: on the CPU it is bit-identical across all 
 the GPU the parameters are the same; pixels not compared: the hardware JPEG decoder takes a
 share of each batch and need not match the CUDA decoder bit for bit).
 
-This is the only module that imports ``nvidia.dali``.
+This module and loaders/dali_graph.py are the only ones that import ``nvidia.dali``.
 """
 from __future__ import annotations
 
@@ -26,16 +26,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-from fastinst.runtime import derive_seed
+from fastinst.core.runtime import derive_seed
 
-from . import colour
-from . import view_params as vp
 from .base import LoaderBase, default_threads
+from .dali_graph import decode, eval_view, train_view
 from .sources import DataError, Source, log
+from .view_params import ViewParams
 
 try:  # DALI is optional at import time so the torch backend works without it
     import nvidia.dali.fn as fn
-    import nvidia.dali.math as dmath
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
     from nvidia.dali.plugin.pytorch import feed_ndarray
@@ -43,100 +42,6 @@ try:  # DALI is optional at import time so the torch backend works without it
     HAVE_DALI = True
 except ImportError:  # pragma: no cover - exercised only where DALI is missing
     HAVE_DALI = False
-
-
-# --------------------------------------------------------------------------- graph functions
-
-
-def decode(jpegs, device: str, hw_decoder_load: float = 0.65):
-    """Decode once per image. ``device`` is 'mixed' (GPU, nvJPEG + HW decoder) or 'cpu'."""
-    if device == "mixed":
-        # Paddings avoid re-allocations as image sizes vary (values from DALI's RN50 example
-        # sizes: ~211 MB device, ~140 MB host); the hint sizes fit most ImageNet images.
-        return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load,
-                                 device_memory_padding=211025920, host_memory_padding=140544512,
-                                 preallocate_width_hint=5980, preallocate_height_hint=6430)
-    return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
-
-
-def _param(params, k: int, dtype=None):
-    """Column ``k`` of a view's parameter row, as a per-sample scalar argument input."""
-    x = params[k]
-    return fn.cast(x, dtype=dtype) if dtype is not None else x
-
-
-def color_twist(img, params, aug):
-    """ColorJitter applied with p = jitter_p, then grey with p = grey_p, as ONE fused op.
-
-    The callback folds the gates into the factors (a jitter that is off gives factors 1 and
-    hue 0; grey gives saturation 0). Unlike torchvision's ColorJitter the four are applied in a
-    fixed order, and contrast pivots on mid-grey rather than the image mean: a documented
-    approximation.
-    """
-    if aug.jitter_p == 0 and aug.grey_p == 0:
-        return img
-    return fn.color_twist(img, brightness=_param(params, vp.BRIGHTNESS), contrast=_param(params, vp.CONTRAST),
-                          saturation=_param(params, vp.SATURATION), hue=_param(params, vp.HUE))
-
-
-def train_view(images, hw, params, crop, aug, *, out_dtype, layout: str):
-    """One training view from its parameter row ``params`` (see loaders/view_params.py):
-    resized crop, jitter/grey, blur, solarize, flip, normalise. ``hw``: DALI's own (height,
-    width) of the decoded images, float."""
-    # The RandomResizedCrop window as an absolute (y, x) ROI of the decoded image. The window
-    # was computed on the callback's header size, which equals ``hw`` (tests/test_dali_views.py);
-    # clamping to ``hw`` is a no-op then, and a safety net otherwise (DALI's CPU resize crashes
-    # the process on a ROI outside the image).
-    roi_start, roi_end = dmath.min(params[vp.ROI_START], hw), dmath.min(params[vp.ROI_END], hw)
-    v = fn.resize(images, size=(crop.size, crop.size), roi_start=roi_start, roi_end=roi_end, roi_relative=False,
-                  antialias=False)
-    v = color_twist(v, params, aug)
-    if aug.blur_p > 0:
-        if _param(params, vp.BLUR_ON, types.BOOL):  # DALI conditional: only the chosen samples are blurred
-            v = fn.gaussian_blur(v, sigma=_param(params, vp.SIGMA))
-    if aug.solarize_p > 0:
-        if _param(params, vp.SOLARIZE_ON, types.BOOL):
-            # invert pixels >= 128 (BYOL / SimCLR-style solarisation): x + m*(255 - 2x)
-            x = fn.cast(v, dtype=types.INT16)
-            v = fn.cast(x + (x >= 128) * (255 - 2 * x), dtype=types.UINT8)
-    return _normalise(v, aug, out_dtype=out_dtype, layout=layout,
-                      mirror=_param(params, vp.FLIP, types.INT32) if aug.flip_p > 0 else 0)
-
-
-def eval_view(images, aug, *, out_dtype, layout: str):
-    """The seeds' eval transform: resize the shorter side, centre crop (NPID / PIC val)."""
-    v = fn.resize(images, resize_shorter=float(aug.eval_resize), antialias=True)
-    return _normalise(v, aug, out_dtype=out_dtype, layout=layout, mirror=0,
-                      crop=(aug.eval_crop, aug.eval_crop))
-
-
-def _lab_f(t):
-    return dmath.cbrt(t) * (t > 0.008856) + (7.787 * t + 16.0 / 116.0) * (t <= 0.008856)
-
-
-def to_lab(v):
-    """uint8 HWC sRGB -> float HWC L*a*b* (D65) from DALI arithmetic (DALI has no Lab type):
-    linearise, XYZ over the white point, f(t), then L, a, b (the formulas of loaders/colour.py)."""
-    c = fn.cast(v, dtype=types.FLOAT) / 255.0
-    lin = dmath.pow((c + 0.055) / 1.055, 2.4) * (c > 0.04045) + (c / 12.92) * (c <= 0.04045)
-    r, g, b = lin[:, :, 0], lin[:, :, 1], lin[:, :, 2]
-    fx, fy, fz = (_lab_f((m[0] * r + m[1] * g + m[2] * b) / w) for m, w in zip(colour.SRGB_TO_XYZ, colour.D65))
-    return fn.stack(116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz), axis=2)
-
-
-def to_colourspace(v, colorspace: str):
-    if colorspace == "ycbcr":  # DALI's YCbCr is BT.601 studio range, like skimage's rgb2ycbcr
-        return fn.color_space_conversion(v, image_type=types.RGB, output_type=types.YCbCr)
-    if colorspace == "lab":
-        return to_lab(v)
-    return v
-
-
-def _normalise(v, aug, *, out_dtype, layout, mirror, crop=None):
-    kw = {"crop": crop} if crop else {}
-    mean, std = colour.normalisation(aug)
-    return fn.crop_mirror_normalize(to_colourspace(v, aug.colorspace), mirror=mirror, dtype=out_dtype,
-                                    output_layout=layout, mean=list(mean), std=list(std), **kw)
 
 
 # --------------------------------------------------------------------------- sample feed
@@ -240,7 +145,7 @@ class DaliLoader(LoaderBase):
         train = self.mode == "train"
         feed = BatchFeed(self.source, self.sampler, self.batch_size, self.drop_last, self.on_error,
                          self.epoch, self.next_batch, blocklist=self.skipped.keys(),
-                         view_params=vp.ViewParams(self.aug, self.seed) if train else None)
+                         view_params=ViewParams(self.aug, self.seed) if train else None)
         aug, mode = self.aug, self.mode
         decode_device = "mixed" if self.device == "gpu" else "cpu"
         out_dtype = types.FLOAT16 if self.fp16 else types.FLOAT

@@ -24,7 +24,7 @@ import torch
 
 from fastinst.config import save_config, to_dict
 
-from fastinst.runtime import DistEnv
+from fastinst.core.runtime import DistEnv
 
 from . import build_loader, build_source
 from .doctor import CpuBusy, bar_chart, diagnose, format_doctor, gpu_used_bytes, transfer_rate, view_bytes

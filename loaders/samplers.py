@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastinst.runtime import derive_seed
+from fastinst.core.runtime import derive_seed
 
 
 def _rng(*key) -> np.random.Generator:

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.utils.data as tud
 
-from fastinst.runtime import derive_seed
+from fastinst.core.runtime import derive_seed
 
-from . import colour
+from .colour import convert, normalisation
 from .base import LoaderBase, default_threads
 from .sources import DataError, PIL_decode_check, Source
 
@@ -63,7 +63,7 @@ class MultiViewDataset(tud.Dataset):
             self.transforms = []
         else:
             self.transforms = [eval_transform(aug)]
-        mean, std = colour.normalisation(aug)
+        mean, std = normalisation(aug)
         self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
         self.colorspace = aug.colorspace
         self.epoch = 0
@@ -74,7 +74,7 @@ class MultiViewDataset(tud.Dataset):
     def _to_tensor(self, img) -> torch.Tensor:  # (3, H, W) float, or uint8 when raw
         arr = np.asarray(img, dtype=np.uint8)  # (H, W, 3) RGB
         if self.colorspace != "rgb":
-            arr = colour.convert(arr, self.colorspace)  # float32 (H, W, 3)
+            arr = convert(arr, self.colorspace)  # float32 (H, W, 3)
         arr = torch.from_numpy(arr.copy())
         if self.raw:
             return arr.permute(2, 0, 1)

@@ -31,7 +31,7 @@ from typing import Tuple
 
 import numpy as np
 
-from fastinst.runtime import derive_seed
+from fastinst.core.runtime import derive_seed
 
 from .sources import DataError
 

@@ -18,8 +18,8 @@ from typing import List
 
 import torch
 
-from fastinst import engine
-from fastinst.runtime import DistEnv
+from fastinst.train import engine, trainer
+from fastinst.core.runtime import DistEnv
 
 
 def trained_params(tr) -> List[torch.Tensor]:
@@ -56,7 +56,7 @@ def _loss(tr, batch, lr: float) -> float:
 
 
 def _step(tr, batch, lr: float):
-    """One engine step (engine.train_step) at ``lr``: returns (g, Δ) flattened over every
+    """One engine step (trainer.train_step) at ``lr``: returns (g, Δ) flattened over every
     trained parameter, g the gradient of this step's loss, Δ = θ_before − θ_after."""
     before = [p.detach().clone() for p in trained_params(tr)]
     for o in tr.optimizers.values():
@@ -65,7 +65,7 @@ def _step(tr, batch, lr: float):
     tr.method.before_step(0)
     stage = tr.stages[0]
     opts = {n: tr.optimizers[n] for n in stage.optimizers}
-    _, loss, ok = engine.train_step(tr.method, opts, tr.scaler, tr.amp, tr.env.device.type, batch, stage.step)
+    _, loss, ok = trainer.train_step(tr.method, opts, tr.scaler, tr.amp, tr.env.device.type, batch, stage.step)
     assert bool(ok) and bool(torch.isfinite(loss)), "non-finite loss in the descent check"
     g = torch.cat([(p.grad.to_dense() if p.grad is not None else torch.zeros_like(p)).flatten().double()
                    for p in trained_params(tr)])
@@ -78,7 +78,7 @@ def assert_one_step_descends(cfg, out_dir: str, rel_decrease: float = 1e-3) -> L
     engine step lowers the method's loss by at least half its first-order prediction, and that
     every parameter the optimisers own receives a gradient. Returns the initial values of the
     trained parameters (in `trained_params` order)."""
-    tr = engine.build_trainer(cfg, out_dir, DistEnv())
+    tr = trainer.build_trainer(cfg, out_dir, DistEnv())
     try:
         init = [p.detach().clone() for p in trained_params(tr)]
         for m in tr.method.trained_modules().values():

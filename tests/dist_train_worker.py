@@ -1,4 +1,4 @@
-"""Run fastinst.engine.train with BatchNorm replaced by Identity (so one process on a batch of
+"""Run fastinst.train.engine.train with BatchNorm replaced by Identity (so one process on a batch of
 2B and two processes on B each compute the same function: per-rank BN statistics would
 differ, and SyncBatchNorm needs CUDA), the toy methods of tests/toy_methods.py registered.
 Used by tests/test_engine.py and tests/test_protocol.py, both under
@@ -22,10 +22,10 @@ sys.path.insert(0, ROOT)
 
 from torch import nn  # noqa: E402
 
-import fastinst.build as build  # noqa: E402
-import fastinst.engine as engine  # noqa: E402
+import fastinst.train.build as build  # noqa: E402
+import fastinst.train.engine as engine  # noqa: E402
 from fastinst.config import load_config  # noqa: E402
-from fastinst.runtime import main_guard  # noqa: E402
+from fastinst.core.runtime import main_guard  # noqa: E402
 from tests.toy_methods import register_toys  # noqa: E402
 
 _build = build.build_model

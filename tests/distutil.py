@@ -66,10 +66,10 @@ def run_on_ranks(world: int, argv: list, *, cwd: str, timeout: int = 240, what: 
 
 
 def train_on_worlds(tmp_path, args: list, worlds, *, what: str = "run") -> dict:
-    """tests/dist_train_worker.py (fastinst.engine.train with BatchNorm removed) with ``args``
+    """tests/dist_train_worker.py (fastinst.train.engine.train with BatchNorm removed) with ``args``
     at each (world size, per-rank batch) of ``worlds``, into ``tmp_path / w<world>``:
     {world: (run directory, its newest complete checkpoint)}."""
-    from fastinst.checkpoint import find_latest_complete
+    from fastinst.train.checkpoint import find_latest_complete
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     worker = os.path.join(root, "tests", "dist_train_worker.py")

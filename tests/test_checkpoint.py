@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from fastinst import checkpoint as ck
+from fastinst.train import checkpoint as ck
 from tests.distutil import free_port, in_gloo_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,7 +136,7 @@ _CHILD = textwrap.dedent(
     import io, os, signal, sys
     sys.path.insert(0, {root!r})
     import torch
-    from fastinst import checkpoint as ck
+    from fastinst.train import checkpoint as ck
 
     directory = sys.argv[1]
     ck.save_checkpoint(directory, 1, {{"w": torch.arange(10.0)}}, keep=1)

@@ -7,8 +7,9 @@ import os
 import numpy as np
 import pytest
 
+import fastinst.methods  # noqa: F401  (registers the methods' config sections, as launch.py does)
 from fastinst.config import load_config
-from fastinst.runtime import DistEnv
+from fastinst.core.runtime import DistEnv
 from loaders import build_source
 from loaders.prepare import imagenet_to_zip, photo_crops
 from loaders.sources import DataError, open_source

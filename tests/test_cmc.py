@@ -1,4 +1,4 @@
-"""CMC (fastinst/methods/cmc.py): the two-bank cross-view loss and its gradients against a
+"""CMC (fastinst/methods/cmc/method.py): the two-bank cross-view loss and its gradients against a
 float64 formula written here, the bank updates, start-up checks, 2 processes == 1, resume ==
 uninterrupted, the probe on two concatenated trunks, export, and the seed configs."""
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from datagen import make_photo_zip
-from fastinst import engine
-from fastinst.checkpoint import find_latest_complete, load_checkpoint
+from fastinst.train import engine
+from fastinst.train.checkpoint import find_latest_complete, load_checkpoint
 from fastinst.config import ConfigError, load_config
 from fastinst.methods.cmc import CMC
 from tests.distutil import train_on_worlds
@@ -165,9 +165,9 @@ def test_probe_reads_both_trunks_and_export_writes_each(photos, tmp_path):
     """The probe's features are the two trunks' pooled features side by side (L on channel 0,
     ab on 1-2), it learns the (separable) photo labels of its train split, and the export
     writes one torchvision-style state_dict per trunk (conv1 with 1 and 2 input channels)."""
-    from fastinst import linear
-    from fastinst.export import export_backbone
-    from fastinst.runtime import DistEnv
+    from fastinst.eval import linear
+    from fastinst.eval.export import export_backbone
+    from fastinst.core.runtime import DistEnv
 
     run = str(tmp_path / "pre")
     tr = engine.train(cfg_of(photos, "train.epochs=1"), run)

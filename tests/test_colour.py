@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from datagen import make_photo_zip
+import fastinst.methods  # noqa: F401  (registers the methods' config sections, as launch.py does)
 from fastinst.config import ConfigError, load_config
 
 

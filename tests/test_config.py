@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+import fastinst.methods  # noqa: F401  (registers the methods' config sections, as launch.py does)
 from fastinst.config import ConfigError, load_config, save_config, to_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

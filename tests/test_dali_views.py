@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+import fastinst.methods  # noqa: F401  (registers the methods' config sections, as launch.py does)
 from fastinst.config import load_config
-from fastinst.runtime import DistEnv
+from fastinst.core.runtime import DistEnv
 from loaders import build_loader
 from loaders import view_params as vp
 from loaders.prepare import write_zip_layout

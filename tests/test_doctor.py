@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from datagen import make_photo_zip
+import fastinst.methods  # noqa: F401  (registers the methods' config sections, as launch.py does)
 from fastinst.config import load_config
 from loaders import doctor
 from loaders.profile import run_profile

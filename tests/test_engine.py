@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from datagen import make_colour_train_val, make_photo_zip
-from fastinst import engine
-from fastinst.checkpoint import find_latest_complete, list_complete, load_checkpoint
+from fastinst.train import engine, trainer
+from fastinst.train.checkpoint import find_latest_complete, list_complete, load_checkpoint
 from fastinst.config import ConfigError, load_config
 from fastinst.methods.npid import NPID
-from fastinst.build import train_schedule
-from fastinst.optim import scaled_lr
-from fastinst.schedule import Clock
+from fastinst.train.build import train_schedule
+from fastinst.train.optim import scaled_lr
+from fastinst.train.schedule import Clock
 from tests.distutil import train_on_worlds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,7 +140,7 @@ def test_nonfinite_step_is_skipped(colours, tmp_path, monkeypatch):
 def test_consecutive_nonfinite_stops_and_keeps_checkpoint(colours, tmp_path, monkeypatch):
     _nan_at(monkeypatch, set(range(5, 100)))  # epoch 1 (steps 0-3) is fine, then NaN forever
     out = str(tmp_path / "run")
-    with pytest.raises(engine.NonFiniteLossError, match=r"3 consecutive non-finite.*max_nonfinite=3"):
+    with pytest.raises(trainer.NonFiniteLossError, match=r"3 consecutive non-finite.*max_nonfinite=3"):
         engine.train(tiny_cfg(colours, "train.max_nonfinite=3", "train.epochs=3"), out)
     ckpt = find_latest_complete(os.path.join(out, "checkpoints"))
     assert os.path.basename(ckpt) == "ckpt_000000004"
@@ -248,7 +248,7 @@ def test_shipped_npid_configs_match_the_seeds():
 def test_compute_threads_are_this_processes_share_of_the_cores():
     """Without OMP_NUM_THREADS each process takes cores / local ranks intra-op threads (one
     process per node on a shared machine must not take every core); with it, nothing changes."""
-    code = ("import os, torch; from fastinst.runtime import set_compute_threads; "
+    code = ("import os, torch; from fastinst.core.runtime import set_compute_threads; "
             "line = set_compute_threads(int(os.environ['LOCAL'])); print(torch.get_num_threads(), '|', line)")
     cores = len(os.sched_getaffinity(0))
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}

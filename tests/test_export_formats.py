@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from datagen import make_colour_train_val, make_photo_zip
-from fastinst import engine
+from fastinst.train import engine
 from fastinst.config import load_config
-from fastinst.export import FORMATS, export_backbone
-from fastinst.model import EmbeddingNet
+from fastinst.eval.export import FORMATS, export_backbone
+from fastinst.core.model import EmbeddingNet
 from test_engine import TINY
 
 R18 = ["model.arch=resnet18", "model.stem=imagenet", "model.width=1", "aug.crops=[{count: 1, size: 32, scale: [0.2, 1]}]",

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from datagen import make_colour_train_val, make_photo_zip
-from fastinst import engine
+from fastinst.train import engine, trainer
 from fastinst.config import load_config
-from fastinst.memory import ShardedMemoryBank
+from fastinst.methods.npid.bank import ShardedMemoryBank
 
 pytestmark = pytest.mark.gpu
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,10 +138,10 @@ def test_no_host_sync_in_a_training_step(colours, tmp_path, method):
     tr = _trainer(colours, tmp_path, method, "model.amp=bf16", "model.channels_last=true")
     try:
         stage = tr.stages[0]
-        engine._enter(tr, stage)
+        trainer.enter_stage(tr, stage)
         batches = [{**b, "index": b["index"].cuda(), "views": [v.cuda() for v in b["views"]]}
                    for b in _batches(tr, 4)]
-        engine.run_step(tr, stage, batches[0], 0)  # warm-up: lazy allocations, cuDNN plans
+        trainer.run_step(tr, stage, batches[0], 0)  # warm-up: lazy allocations, cuDNN plans
         torch.cuda.synchronize()
         forward = type(tr.method).forward
 
@@ -151,12 +151,12 @@ def test_no_host_sync_in_a_training_step(colours, tmp_path, method):
 
         torch.cuda.set_sync_debug_mode("error")
         try:
-            engine.run_step(tr, stage, batches[1], 0)
+            trainer.run_step(tr, stage, batches[1], 0)
             torch.cuda.set_sync_debug_mode(0)
             before = _everything(tr)
             torch.cuda.set_sync_debug_mode("error")
             tr.method.forward = nan_forward.__get__(tr.method)
-            engine.run_step(tr, stage, batches[2], 0)
+            trainer.run_step(tr, stage, batches[2], 0)
             del tr.method.forward
         finally:
             torch.cuda.set_sync_debug_mode(0)

@@ -1,4 +1,4 @@
-"""The non-finite guard decided on the device (fastinst/guard.py): a non-finite step changes
+"""The non-finite guard decided on the device (fastinst/core/guard.py): a non-finite step changes
 nothing but the counts, every optimiser skips exactly, and the engine's step reads nothing on
 the host (the CPU stand-in for ``torch.cuda.set_sync_debug_mode``, which tests/test_gpu.py
 runs on CUDA)."""
@@ -11,10 +11,10 @@ import traceback
 import pytest
 import torch
 
-from fastinst import engine
-from fastinst.guard import Guard, gated_step
-from fastinst.lazysgd import LazySGD
-from fastinst.optim import LARS, adam, sgd
+from fastinst.train import engine, trainer
+from fastinst.core.guard import Guard, gated_step
+from fastinst.methods.pic.lazysgd import LazySGD
+from fastinst.train.optim import LARS, adam, sgd
 from datagen import make_colour_train_val
 from test_engine import tiny_cfg
 
@@ -156,7 +156,7 @@ def _everything(tr):
 
 def _trainer(colours, tmp_path, method, *over):
     cfg = tiny_cfg(colours, *METHODS[method], *over)
-    return engine.build_trainer(cfg, str(tmp_path / method), engine.init_distributed())
+    return trainer.build_trainer(cfg, str(tmp_path / method), engine.init_distributed())
 
 
 @contextlib.contextmanager
@@ -192,7 +192,7 @@ def test_nonfinite_step_changes_nothing_and_reads_nothing(colours, tmp_path, met
     tr = _trainer(colours, tmp_path, method)
     try:
         stage = tr.stages[0]
-        engine._enter(tr, stage)
+        trainer.enter_stage(tr, stage)
         batches = _batches(tr, 3)
         forward = type(tr.method).forward
 
@@ -201,10 +201,10 @@ def test_nonfinite_step_changes_nothing_and_reads_nothing(colours, tmp_path, met
             return {**out, "loss": out["loss"] * float("nan")}
 
         with host_reads() as reads:
-            engine.run_step(tr, stage, batches[0], 0)
+            trainer.run_step(tr, stage, batches[0], 0)
             before = _everything(tr)
             tr.method.forward = nan_forward.__get__(tr.method)
-            loss, ok = engine.run_step(tr, stage, batches[1], 0)
+            loss, ok = trainer.run_step(tr, stage, batches[1], 0)
             del tr.method.forward
         after = _everything(tr)
         assert set(after) == set(before)
@@ -213,10 +213,10 @@ def test_nonfinite_step_changes_nothing_and_reads_nothing(colours, tmp_path, met
         assert not bool(ok) and tr.skipped == 1 and tr.nonfinite == 1
         if method == "pic":
             # the sampled column set's bounds (data-dependent size) and LazySGD's host-side step
-            assert {f for _, f, _ in reads} == {"pic.py", "lazysgd.py"}, reads
+            assert {f for _, f, _ in reads} == {"classifier.py", "lazysgd.py"}, reads
         else:
             assert reads == [], f"{method}: host reads in the step: {reads}"
-        engine.run_step(tr, stage, batches[2], 0)
+        trainer.run_step(tr, stage, batches[2], 0)
         again = _everything(tr)
         changed = {k.split(".")[0] for k in before if not torch.equal(before[k], again[k])}
         assert changed >= {"net", "opt"}, changed
@@ -229,7 +229,7 @@ def test_max_nonfinite_streak_between_log_lines_stops_the_run(colours, tmp_path,
     """Three NaN steps in a row that end before the next log line (log_every=4) still stop the
     run at train.max_nonfinite=3, and nothing is saved after them."""
     from fastinst.methods.npid import NPID
-    from fastinst.checkpoint import find_latest_complete
+    from fastinst.train.checkpoint import find_latest_complete
 
     forward, calls = NPID.forward, {"n": 0}
 
@@ -242,6 +242,6 @@ def test_max_nonfinite_streak_between_log_lines_stops_the_run(colours, tmp_path,
 
     monkeypatch.setattr(NPID, "forward", fwd)
     out = str(tmp_path / "run")
-    with pytest.raises(engine.NonFiniteLossError, match=r"3 consecutive non-finite.*by step 8"):
+    with pytest.raises(trainer.NonFiniteLossError, match=r"3 consecutive non-finite.*by step 8"):
         engine.train(tiny_cfg(colours, "train.max_nonfinite=3", "train.epochs=3", "train.log_every=4"), out)
     assert os.path.basename(find_latest_complete(os.path.join(out, "checkpoints"))) == "ckpt_000000004"

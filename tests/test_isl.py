@@ -1,4 +1,4 @@
-"""ISL's formulas (fastinst/isl.py) against float64 references written here, the sharded loss
+"""ISL's formulas (fastinst/methods/isl/loss.py, gan.py) against float64 references written here, the sharded loss
 at 2 ranks against 1, and the GAN's stopping rule on scripted loss sequences."""
 import math
 
@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastinst.isl import StoppingRule, d_loss, g_loss, isl_loss, mining_radius, triplet_logits
-from fastinst.memory import ShardedMemoryBank
+from fastinst.methods.isl.gan import StoppingRule, d_loss, g_loss, mining_radius, triplet_logits
+from fastinst.methods.isl.loss import isl_loss
+from fastinst.methods.npid.bank import ShardedMemoryBank
 from tests.distutil import in_gloo_group, spawn_and_collect
 
 N, D, T = 9, 5, 0.1
@@ -80,7 +81,7 @@ def test_sharded_loss_on_two_ranks_equals_one(tmp_path):
     for r in ranks:
         torch.testing.assert_close(r["loss"], one["loss"].detach(), rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(r["kl"], one["kl"], rtol=1e-5, atol=1e-7)
-    # fastinst.dist's convention: each rank's gradient is its columns' part of ∂(Σ_r L_r)/∂f = 2·∂L/∂f
+    # fastinst.core.dist's convention: each rank's gradient is its columns' part of ∂(Σ_r L_r)/∂f = 2·∂L/∂f
     # (the all-gather's backward then sums the parts); half their sum is the 1-process gradient
     torch.testing.assert_close((ranks[0]["grad"] + ranks[1]["grad"]) / 2, f.grad, rtol=1e-5, atol=1e-6)
 

@@ -1,4 +1,4 @@
-"""ISL through the engine (fastinst/methods/isl.py): the rounds' stages run in order with the
+"""ISL through the engine (fastinst/methods/isl/method.py): the rounds' stages run in order with the
 backbone frozen outside its stages, mining adds symmetric pairs, the GAN's patience ends its
 stage early, and a run stopped inside any stage resumes to the uninterrupted run."""
 import json
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from datagen import make_colour_train_val
-from fastinst import engine
-from fastinst.checkpoint import find_latest_complete, load_checkpoint
+from fastinst.train import engine
+from fastinst.train.checkpoint import find_latest_complete, load_checkpoint
 from fastinst.config import load_config
 
 TINY = [
@@ -63,7 +63,7 @@ def assert_same(a, b, path=""):
 def test_stages_run_in_order_and_mining_adds_symmetric_pairs(colours, tmp_path):
     out = str(tmp_path / "run")
     frozen = {}
-    real_gan = engine.run_step
+    real_gan = engine.run_step  # the loop's own reference
 
     def spy(tr, stage, batch, epoch):  # the backbone must not move outside the train stages
         enc = {k: v.clone() for k, v in tr.model.state_dict().items()}
@@ -146,7 +146,7 @@ def test_a_stopped_gan_stage_skips_its_remaining_epochs(colours, tmp_path, monke
     """The rule (scripted here; the rule itself is tested on scripted losses in test_isl.py) calls
     GAN epoch 1 the best and stops after epoch 2 of 4: epochs 3-4 are skipped without reading
     data, mining runs with the (G, D) of epoch 2 (gan_keep=last) or of epoch 1 (best)."""
-    from fastinst.isl import StoppingRule
+    from fastinst.methods.isl.gan import StoppingRule
 
     real = StoppingRule.update
 

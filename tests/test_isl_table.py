@@ -1,4 +1,4 @@
-"""ISL's neighbour table (fastinst/isl_table.py): add_pairs against a brute-force reference
+"""ISL's neighbour table (fastinst/methods/isl/table.py): add_pairs against a brute-force reference
 written here with Python sets and dicts, the invariants checked directly, reads on known
 tables, checkpoint resharding, and world 1 == world 2 == world 3 over gloo."""
 
@@ -8,9 +8,9 @@ import functools
 import pytest
 import torch
 
-from fastinst.isl_table import NeighbourTable
-from fastinst.reshard import reshard_payload, row_manifest
-from fastinst.rows import shard_bounds
+from fastinst.methods.isl.table import NeighbourTable
+from fastinst.train.reshard import reshard_payload, row_manifest
+from fastinst.core.rows import shard_bounds
 from tests.distutil import in_gloo_group, spawn_and_collect
 
 N, CAP = 40, 3

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from fastinst.knn import knn_classify
+from fastinst.core.knn import knn_classify
 from tests.distutil import free_port, in_gloo_group
 
 

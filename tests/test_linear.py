@@ -1,4 +1,4 @@
-"""Linear probe and backbone export (fastinst/linear.py, ``launch.py linear|export``), on CPU.
+"""Linear probe and backbone export (fastinst/eval/linear.py, ``launch.py linear|export``), on CPU.
 
 The probe's checkpoint is a random ResNet-18 whose BatchNorm running statistics were measured
 on the data (what any pretraining run leaves in them), saved in the trainer's checkpoint
@@ -22,12 +22,13 @@ from PIL import Image
 from torch import nn
 
 from datagen import channel_items
-from fastinst import engine, linear
-from fastinst.checkpoint import find_latest_complete, list_complete, load_checkpoint, save_checkpoint
+from fastinst.train import engine
+from fastinst.eval import export, linear
+from fastinst.train.checkpoint import find_latest_complete, list_complete, load_checkpoint, save_checkpoint
 from fastinst.config import ConfigError, load_config, save_config, to_dict
-from fastinst.metrics import MetricsLog
-from fastinst.model import EmbeddingNet, build_model
-from fastinst.runtime import DistEnv
+from fastinst.train.metrics import MetricsLog
+from fastinst.core.model import EmbeddingNet, build_model
+from fastinst.core.runtime import DistEnv
 from loaders.prepare import write_zip_layout
 from tests.distutil import run_on_ranks
 
@@ -218,12 +219,12 @@ def _saved_model(tmp_path, stem, arch="resnet18"):
 def test_export_loads_into_torchvision(tmp_path, stem):
     model, ckpt = _saved_model(tmp_path, stem)
     out = str(tmp_path / "export" / "r18.pth")
-    info = linear.export_backbone(str(tmp_path / "run"), out)  # a run directory: its newest checkpoint
+    info = export.export_backbone(str(tmp_path / "run"), out)  # a run directory: its newest checkpoint
     assert info["arch"] == "resnet18" and info["stem"] == stem and info["step"] == 5
     sd = torch.load(out, weights_only=True)  # a plain tensor dict
     assert not any(k.startswith(("backbone.", "head.", "fc.")) for k in sd)
     tv = torchvision.models.resnet18()
-    if stem == "small":  # the same stem surgery as fastinst/model.py
+    if stem == "small":  # the same stem surgery as fastinst/core/model.py
         tv.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         tv.maxpool = nn.Identity()
     missing, unexpected = tv.load_state_dict(sd, strict=False)

@@ -4,8 +4,9 @@ import os
 import pytest
 import torch
 
+import fastinst.methods  # noqa: F401  (registers the methods' config sections, as launch.py does)
 from fastinst.config import load_config
-from fastinst.runtime import DistEnv
+from fastinst.core.runtime import DistEnv
 from loaders import build_loader
 from loaders.sources import DataError
 from tests.datagen import index_of_colour, make_colour_zip, make_photo_zip, rewrite_member

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from fastinst.dist import all_gather_no_grad
-from fastinst.memory import ShardedMemoryBank, shard_bounds
+from fastinst.core.dist import all_gather_no_grad
+from fastinst.methods.npid.bank import ShardedMemoryBank, shard_bounds
 from tests.distutil import free_port, in_gloo_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,7 +138,7 @@ def test_rows_single_process_is_fp32_copy():
 # ---- Triton kernel under the interpreter ---------------------------------------------------------
 _TRITON_SCRIPT = r"""
 import json, torch
-from fastinst.memory import ShardedMemoryBank
+from fastinst.methods.npid.bank import ShardedMemoryBank
 out = {}
 g = torch.Generator().manual_seed(0)
 index = torch.randint(0, 53, (40,), generator=g)

@@ -10,7 +10,7 @@ import torch
 
 from datagen import make_colour_train_val
 from descent import assert_one_step_descends, trained_params
-from fastinst import engine
+from fastinst.train import engine
 from fastinst.config import ConfigError, load_config
 from fastinst.methods import available
 
@@ -195,13 +195,15 @@ def method_name_branches(path, classes, root=ROOT):
     isinstance/issubclass/type(...) checks against a method class or hasattr/getattr probes of
     a method object. ``classes`` maps each registered name to its class name. A method's own
     module may name itself (its ``@register`` line, its class in annotations), and a
-    dataclass field may default to a name (a choice, not a branch)."""
+    dataclass field may default to a name (a choice, not a branch). A method's own module is
+    ``fastinst/methods/<name>.py`` or any module of its folder ``fastinst/methods/<name>/``."""
     rel = os.path.relpath(path, root).replace(os.sep, "/")
     with open(path) as f:
         tree = ast.parse(f.read(), filename=rel)
     own = set()
-    if rel.startswith("fastinst/methods/"):
-        me = os.path.splitext(os.path.basename(rel))[0]
+    parts = rel.split("/")
+    if parts[:2] == ["fastinst", "methods"] and len(parts) > 2:  # methods/<name>.py or methods/<name>/*.py
+        me = parts[2] if len(parts) > 3 else os.path.splitext(parts[2])[0]
         own = {me, classes.get(me)}
     banned = (set(classes) | set(classes.values())) - own
     defaults = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.ClassDef)
@@ -230,7 +232,7 @@ def method_name_branches(path, classes, root=ROOT):
 
 def test_package_never_branches_on_method_names():
     """DESIGN.md: 'the engine never branches on a method's name'. Scanned: every module of
-    fastinst/, loaders/ and launch.py, config.py included; the registry is the one list of
+    fastinst/, loaders/ and launch.py, the config package included; the registry is the one list of
     names (a method's config check lives on its class: ``Method.check_config``)."""
     from fastinst.methods import method_class
 
@@ -238,7 +240,9 @@ def test_package_never_branches_on_method_names():
     assert {"npid", "pic", "moco", "simclr"} <= set(names)
     classes = {n: method_class(n).__name__ for n in names}
     files = _package_modules()
-    assert len(files) > 20 and any(f.endswith("config.py") for f in files)
+    rels = {os.path.relpath(f, ROOT).replace(os.sep, "/") for f in files}
+    assert len(files) > 20 and {"fastinst/config/tree.py", "fastinst/methods/registry.py",
+                                "fastinst/train/engine.py", "fastinst/methods/pic/classifier.py"} <= rels
     found = [hit for f in files for hit in method_name_branches(f, classes)]
     assert not found, "\n".join(found)
 
@@ -270,6 +274,12 @@ def test_method_name_scan_finds_each_kind_of_branch(tmp_path):
     assert method_name_branches(str(own), classes, str(tmp_path)) == []  # a method may name itself
     own.write_text("@register('moco')\nclass MoCo:\n    kind = 'npid'\n")
     assert len(method_name_branches(str(own), classes, str(tmp_path))) == 1  # but not another method
+    folder = tmp_path / "fastinst" / "methods" / "moco" / "keys.py"
+    folder.parent.mkdir()
+    folder.write_text("class KeyQueue:\n    owner = 'MoCo'\n")
+    assert method_name_branches(str(folder), classes, str(tmp_path)) == []  # a method's folder names itself
+    folder.write_text("class KeyQueue:\n    owner = 'npid'\n")
+    assert len(method_name_branches(str(folder), classes, str(tmp_path))) == 1  # but not another method
 
 
 def test_shipped_configs_match_the_seeds():

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastinst import dist as fdist
-from fastinst.moco import KeyQueue, batch_shuffle, batch_unshuffle, moco_loss, momentum_update
-from fastinst.optim import LARS
-from fastinst.simclr import nt_xent
+from fastinst.core import dist as fdist
+from fastinst.methods.moco.keys import KeyQueue, batch_shuffle, batch_unshuffle, moco_loss, momentum_update
+from fastinst.train.optim import LARS
+from fastinst.methods.simclr.ntxent import nt_xent
 from tests.distutil import in_gloo_group, spawn_and_collect
 
 WORLD, B_LOCAL, D, T = 2, 3, 5, 0.2

@@ -2,12 +2,8 @@ import pytest
 import torch
 import torchvision
 
-from fastinst.model import (
-    EmbeddingNet,
-    autocast_context,
-    build_model,
-    make_grad_scaler,
-)
+import fastinst.methods  # noqa: F401  (registers the methods' config sections, as launch.py does)
+from fastinst.core.model import EmbeddingNet, autocast_context, build_model, make_grad_scaler
 
 
 def _tiny(**kw):

@@ -2,7 +2,7 @@
 
 Each is checked against a float64 formula written here; the distributed tests (2-process
 gloo) check that loss values and feature / parameter gradients equal the single-process ones
-on the same global batch, under the convention of fastinst.nce (each rank returns the global
+on the same global batch, under the convention of fastinst.methods.npid.nce (each rank returns the global
 loss L and receives W·∂L/∂x_local, so DDP's average is the single-process gradient).
 """
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastinst.memory import ShardedMemoryBank
-from fastinst.nce import (NCECriterion, NPIDLoss, estimate_z, full_softmax_loss, nce_loss,
-                          sampled_dots, softmax_ce)
-from fastinst.runtime import generator
+from fastinst.methods.npid.bank import ShardedMemoryBank
+from fastinst.methods.npid.nce import (NCECriterion, NPIDLoss, estimate_z, full_softmax_loss, nce_loss,
+                                       sampled_dots, softmax_ce)
+from fastinst.core.runtime import generator
 from tests.distutil import in_gloo_group, spawn_and_collect
 
 N, D, T = 23, 8, 0.1

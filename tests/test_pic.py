@@ -1,4 +1,4 @@
-"""PIC classifier (fastinst/pic.py): cosine-logit CE, negative sampling, LazySGD's correction,
+"""PIC classifier (fastinst/methods/pic/classifier.py): cosine-logit CE, negative sampling, LazySGD's correction,
 and sharded == unsharded.
 
 References are float64 formulas written here; LazySGD is checked against dense
@@ -15,9 +15,9 @@ import math
 import pytest
 import torch
 
-from fastinst.rows import shard_bounds
-from fastinst.lazysgd import LazySGD, _step_matrix, _StepProducts
-from fastinst.pic import ShardedClassifier
+from fastinst.core.rows import shard_bounds
+from fastinst.methods.pic.lazysgd import LazySGD, _step_matrix, _StepProducts
+from fastinst.methods.pic.classifier import ShardedClassifier
 from tests.distutil import in_gloo_group, spawn_and_collect
 
 F64 = torch.float64

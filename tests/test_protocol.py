@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from datagen import make_colour_train_val
-from fastinst import engine
-from fastinst.build import build_encoder
-from fastinst.checkpoint import find_latest_complete, list_complete, load_checkpoint
+from fastinst.train import engine
+from fastinst.train.build import build_encoder
+from fastinst.train.checkpoint import find_latest_complete, list_complete, load_checkpoint
 from fastinst.config import load_config
-from fastinst.runtime import DistEnv
+from fastinst.core.runtime import DistEnv
 from tests.distutil import train_on_worlds
 from toy_methods import TwoEncoders, register_toys
 

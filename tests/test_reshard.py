@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from datagen import make_colour_train_val
-from fastinst import checkpoint as ck
-from fastinst.memory import ShardedMemoryBank
-from fastinst.pic import ShardedClassifier
-from fastinst.reshard import row_manifest
+from fastinst.train import checkpoint as ck
+from fastinst.methods.npid.bank import ShardedMemoryBank
+from fastinst.methods.pic.classifier import ShardedClassifier
+from fastinst.train.reshard import row_manifest
 from tests.distutil import train_on_worlds
 
 N, D = 11, 3

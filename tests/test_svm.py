@@ -1,4 +1,4 @@
-"""``launch.py svm`` (fastinst/svm.py): the SVM protocol against a direct scikit-learn run
+"""``launch.py svm`` (fastinst/eval/svm.py): the SVM protocol against a direct scikit-learn run
 written here, reproducible low-shot draws, and the command end to end with its random-init
 baseline, feature cache and plot."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ pytest.importorskip("sklearn")
 from sklearn.model_selection import StratifiedKFold, cross_val_score  # noqa: E402
 from sklearn.svm import LinearSVC  # noqa: E402
 
-from fastinst import svm  # noqa: E402
+from fastinst.eval import svm  # noqa: E402
 from test_linear import TINY, colours  # noqa: E402,F401  (the fixture)
 
 COSTS = (0.01, 0.1, 1.0, 10.0)

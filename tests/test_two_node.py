@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from datagen import make_colour_train_val
-from fastinst.checkpoint import find_latest_complete, load_checkpoint
+from fastinst.train.checkpoint import find_latest_complete, load_checkpoint
 from test_engine import SAME_ON_ANY_WORLD, TINY, read_metrics
 from tests.distutil import train_on_worlds
 

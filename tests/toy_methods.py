@@ -20,8 +20,8 @@ from torch import nn
 
 from fastinst.methods import _REGISTRY, available, register
 from fastinst.methods.base import Method, Stage, unwrap
-from fastinst.schedule import LRSchedule
-from fastinst.simclr import nt_xent
+from fastinst.train.schedule import LRSchedule
+from fastinst.methods.simclr.ntxent import nt_xent
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -52,7 +52,7 @@ SMOKE = False  # set by main(): every JSON says whether its figures are toy-size
 
 
 def write(out: str, part: str, res: dict, md: str = "") -> dict:
-    from fastinst.checkpoint import _atomic_write
+    from fastinst.train.checkpoint import _atomic_write
 
     res = {"part": part, "device": device_name(), "torch": torch.__version__, "smoke": SMOKE, **res}
     _atomic_write(os.path.join(out, f"{part}.json"), lambda f: f.write(json.dumps(res, indent=2).encode()))
@@ -126,6 +126,7 @@ def loader_variants(cuda: bool, view: str):
 
 
 def part_loader(out: str, smoke: bool, data: str) -> dict:
+    import fastinst.methods  # noqa: F401  (registers the methods' config sections)
     from fastinst.config import load_config
     from loaders.doctor import bar_chart, diagnose
     from loaders.profile import run_profile
@@ -190,9 +191,9 @@ def part_end_to_end(out: str, smoke: bool, data: str) -> dict:
     """NPID R50 through the DALI loader (mixed decoding on a GPU) against the same step on
     synthetic in-device images, both measured here."""
     import step_time
-    from fastinst import engine
+    from fastinst.train import engine
     from fastinst.config import load_config
-    from fastinst.runtime import DistEnv
+    from fastinst.core.runtime import DistEnv
 
     photos = os.path.join(data, "photos")
     over = [f"data.path={photos}", "data.cache=full", "loader.backend=dali", "train.eval_every=0",
@@ -228,7 +229,7 @@ def part_compile(out: str, smoke: bool, data: str) -> dict:
 
     import step_time
     from fastinst.config import load_config
-    from fastinst.runtime import DistEnv
+    from fastinst.core.runtime import DistEnv
 
     env = DistEnv(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     over = ["model.arch=resnet18", "loader.batch_size=2", "aug.crops=[{count: 1, size: 32, scale: [0.2, 1.0]}]",
@@ -257,7 +258,7 @@ def part_compile(out: str, smoke: bool, data: str) -> dict:
 
 def raw_pixel_knn(src: str, limit_train: int, limit_val: int, k: int, sigma: float) -> dict:
     """Weighted kNN (the same protocol as the trained network's) on raw pixels."""
-    from fastinst.knn import knn_classify
+    from fastinst.core.knn import knn_classify
     from loaders.prepare import _find_idx, read_idx
 
     def load(prefix, limit):
@@ -276,7 +277,7 @@ def raw_pixel_knn(src: str, limit_train: int, limit_val: int, k: int, sigma: flo
 def part_fmnist(out: str, smoke: bool, data: str) -> dict:
     """NPID on all 60k Fashion-MNIST training images for about 3 minutes; weighted kNN on the 10k
     test images against raw pixels and the random-init network, all in this run."""
-    from fastinst import engine
+    from fastinst.train import engine
     from fastinst.config import load_config
     from loaders.prepare import fmnist_to_zip
 

@@ -14,8 +14,8 @@
 - per step: ``before_step(step)``, then the stage's step, then ``after_step(out, ok)`` (bank,
   queue and key-encoder updates). ``ok`` is a 0-dim bool tensor on the device: the step's
   losses were finite. Every update must be gated on it on the device (``torch.where``,
-  `fastinst.guard.where_`, row index −1), never read on the host: the engine does not sync
-  per step (fastinst/guard.py);
+  `fastinst.core.guard.where_`, row index −1), never read on the host: the engine does not sync
+  per step (fastinst/core/guard.py);
 - between loader epochs: ``stage_start(stage)``, ``stage_done(stage)`` (a stage that ends early:
   ISL's GAN patience, its mining target) and ``end_epoch(stage, last)`` (per-epoch bookkeeping,
   values to log);
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..runtime import DistEnv
+from ..core.runtime import DistEnv
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,112 @@
+"""The DALI augmentation graphs as plain functions of DALI data nodes, separate from the reader
+(the style of DALI's EfficientNet example): ``decode`` once per image, ``train_view`` per view
+from the view's row of parameters (loaders/view_params.py), ``eval_view``, and CMC's colour
+spaces. The same functions build the GPU pipeline (``device='mixed'`` decoding, all ops on the
+GPU) and the CPU-only one; the pipeline around them is loaders/dali_backend.py.
+
+The graph draws no random numbers: every random choice arrives in the parameter row, as
+per-sample argument inputs (resize ROI, colour-twist factors, blur sigma, conditionals on the
+blur / solarize gates, the mirror flag).
+"""
+from __future__ import annotations
+
+from .colour import D65, SRGB_TO_XYZ, normalisation
+from .view_params import BLUR_ON, BRIGHTNESS, CONTRAST, FLIP, HUE, ROI_END, ROI_START, SATURATION, SIGMA, SOLARIZE_ON
+
+try:  # DALI is optional at import time so the torch backend works without it
+    import nvidia.dali.fn as fn
+    import nvidia.dali.math as dmath
+    import nvidia.dali.types as types
+except ImportError:  # pragma: no cover - exercised only where DALI is missing
+    pass
+
+
+def decode(jpegs, device: str, hw_decoder_load: float = 0.65):
+    """Decode once per image. ``device`` is 'mixed' (GPU, nvJPEG + HW decoder) or 'cpu'."""
+    if device == "mixed":
+        # Paddings avoid re-allocations as image sizes vary (values from DALI's RN50 example
+        # sizes: ~211 MB device, ~140 MB host); the hint sizes fit most ImageNet images.
+        return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load,
+                                 device_memory_padding=211025920, host_memory_padding=140544512,
+                                 preallocate_width_hint=5980, preallocate_height_hint=6430)
+    return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+
+
+def _param(params, k: int, dtype=None):
+    """Column ``k`` of a view's parameter row, as a per-sample scalar argument input."""
+    x = params[k]
+    return fn.cast(x, dtype=dtype) if dtype is not None else x
+
+
+def color_twist(img, params, aug):
+    """ColorJitter applied with p = jitter_p, then grey with p = grey_p, as ONE fused op.
+
+    The callback folds the gates into the factors (a jitter that is off gives factors 1 and
+    hue 0; grey gives saturation 0). Unlike torchvision's ColorJitter the four are applied in a
+    fixed order, and contrast pivots on mid-grey rather than the image mean: a documented
+    approximation.
+    """
+    if aug.jitter_p == 0 and aug.grey_p == 0:
+        return img
+    return fn.color_twist(img, brightness=_param(params, BRIGHTNESS), contrast=_param(params, CONTRAST),
+                          saturation=_param(params, SATURATION), hue=_param(params, HUE))
+
+
+def train_view(images, hw, params, crop, aug, *, out_dtype, layout: str):
+    """One training view from its parameter row ``params`` (see loaders/view_params.py):
+    resized crop, jitter/grey, blur, solarize, flip, normalise. ``hw``: DALI's own (height,
+    width) of the decoded images, float."""
+    # The RandomResizedCrop window as an absolute (y, x) ROI of the decoded image. The window
+    # was computed on the callback's header size, which equals ``hw`` (tests/test_dali_views.py);
+    # clamping to ``hw`` is a no-op then, and a safety net otherwise (DALI's CPU resize crashes
+    # the process on a ROI outside the image).
+    roi_start, roi_end = dmath.min(params[ROI_START], hw), dmath.min(params[ROI_END], hw)
+    v = fn.resize(images, size=(crop.size, crop.size), roi_start=roi_start, roi_end=roi_end, roi_relative=False,
+                  antialias=False)
+    v = color_twist(v, params, aug)
+    if aug.blur_p > 0:
+        if _param(params, BLUR_ON, types.BOOL):  # DALI conditional: only the chosen samples are blurred
+            v = fn.gaussian_blur(v, sigma=_param(params, SIGMA))
+    if aug.solarize_p > 0:
+        if _param(params, SOLARIZE_ON, types.BOOL):
+            # invert pixels >= 128 (BYOL / SimCLR-style solarisation): x + m*(255 - 2x)
+            x = fn.cast(v, dtype=types.INT16)
+            v = fn.cast(x + (x >= 128) * (255 - 2 * x), dtype=types.UINT8)
+    return _normalise(v, aug, out_dtype=out_dtype, layout=layout,
+                      mirror=_param(params, FLIP, types.INT32) if aug.flip_p > 0 else 0)
+
+
+def eval_view(images, aug, *, out_dtype, layout: str):
+    """The seeds' eval transform: resize the shorter side, centre crop (NPID / PIC val)."""
+    v = fn.resize(images, resize_shorter=float(aug.eval_resize), antialias=True)
+    return _normalise(v, aug, out_dtype=out_dtype, layout=layout, mirror=0,
+                      crop=(aug.eval_crop, aug.eval_crop))
+
+
+def _lab_f(t):
+    return dmath.cbrt(t) * (t > 0.008856) + (7.787 * t + 16.0 / 116.0) * (t <= 0.008856)
+
+
+def to_lab(v):
+    """uint8 HWC sRGB -> float HWC L*a*b* (D65) from DALI arithmetic (DALI has no Lab type):
+    linearise, XYZ over the white point, f(t), then L, a, b (the formulas of loaders/colour.py)."""
+    c = fn.cast(v, dtype=types.FLOAT) / 255.0
+    lin = dmath.pow((c + 0.055) / 1.055, 2.4) * (c > 0.04045) + (c / 12.92) * (c <= 0.04045)
+    r, g, b = lin[:, :, 0], lin[:, :, 1], lin[:, :, 2]
+    fx, fy, fz = (_lab_f((m[0] * r + m[1] * g + m[2] * b) / w) for m, w in zip(SRGB_TO_XYZ, D65))
+    return fn.stack(116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz), axis=2)
+
+
+def to_colourspace(v, colorspace: str):
+    if colorspace == "ycbcr":  # DALI's YCbCr is BT.601 studio range, like skimage's rgb2ycbcr
+        return fn.color_space_conversion(v, image_type=types.RGB, output_type=types.YCbCr)
+    if colorspace == "lab":
+        return to_lab(v)
+    return v
+
+
+def _normalise(v, aug, *, out_dtype, layout, mirror, crop=None):
+    kw = {"crop": crop} if crop else {}
+    mean, std = normalisation(aug)
+    return fn.crop_mirror_normalize(to_colourspace(v, aug.colorspace), mirror=mirror, dtype=out_dtype,
+                                    output_layout=layout, mean=list(mean), std=list(std), **kw)
