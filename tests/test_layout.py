@@ -1,6 +1,7 @@
 """The package layout, read from the imports (module-level and local ones alike): no import
 circle among the modules of fastinst/ and loaders/, imports running only downwards between the
-packages by role (fastinst/__init__.py lists them), and no module over 350 lines.
+packages by role (fastinst/__init__.py lists them), no module over 350 lines, and one function
+that all-reduces a row maximum for a log-sum-exp.
 
     .venv/bin/python -m pytest -q tests/test_layout.py
 """
@@ -137,6 +138,23 @@ def test_no_module_is_over_350_lines():
     long = {os.path.relpath(p, ROOT): n for p in modules().values()
             if (n := sum(1 for _ in open(p))) > MAX_LINES}
     assert long == {}
+
+
+def test_one_function_all_reduces_a_row_max_for_a_log_sum_exp():
+    """A row max all-reduced with op "max" next to an amax in the same function is the
+    Partial-FC shift of a sharded log-sum-exp: written once, in fastinst.core.rows."""
+    found = []
+    for name, path in modules(tops=("fastinst",)).items():
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for fn in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            calls = [c for c in ast.walk(fn) if isinstance(c, ast.Call)]
+            amax = any(isinstance(c.func, ast.Attribute) and c.func.attr == "amax" for c in calls)
+            reduce_max = any(any(isinstance(a, ast.Constant) and a.value == "max" for a in c.args)
+                             for c in calls if "all_reduce" in ast.unparse(c.func))
+            if amax and reduce_max:
+                found.append(f"{name}.{fn.name}")
+    assert found == ["fastinst.core.rows.sharded_exp_sums"]
 
 
 @pytest.mark.parametrize("kind", ["circle", "upward", "local upward"])

@@ -12,16 +12,17 @@ caller, so every rank sees the global batch and works on the rows it owns:
 - `momentum_update_`: v ← normalise(m·v + (1−m)·x) of the owned rows in place (lemniscate's
   bank update), fused in one Triton kernel on CUDA (testable on the CPU under
   ``TRITON_INTERPRET=1``, set before triton is first imported), a torch path elsewhere;
-- `partial_fc_cross_entropy`: softmax cross-entropy over all N rows from each rank's
-  [B, rows_local] logits, with only the row max and sum-exp crossing ranks (the InsightFace
-  Partial-FC recipe), so no rank ever holds B×N logits.
+- `sharded_exp_sums`: the row maxima and sums of exponentials of log-sum-exps over all N rows
+  from each rank's [B, rows_local] scores, only [B]-sized values crossing ranks (the
+  InsightFace Partial-FC recipe), so no rank ever holds B×N logits; `partial_fc_cross_entropy`
+  (NPID's full softmax, PIC) and ISL's neighbour loss are built on it.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -201,22 +202,43 @@ def momentum_update_(table: torch.Tensor, start: int, index: torch.Tensor, feats
         torch_momentum_update(table, rows, mean, start, momentum)
 
 
-def partial_fc_cross_entropy(logits: torch.Tensor, pos: torch.Tensor, world: int) -> torch.Tensor:
-    """mean_b(logsumexp over all ranks' columns of ``logits`` [B, C_local] − the positive logit),
-    where ``pos`` [B] holds the positive logit on the rank owning it and 0 elsewhere. Only the
-    row max ([B], a constant shift whose gradient cancels) and the stacked [sum-exp, positive]
-    ([B, 2], differentiable) cross ranks: the InsightFace Partial-FC recipe."""
-    if logits.shape[1] > 0:
-        m = logits.detach().amax(1)  # [B]
+def sharded_exp_sums(logits: Sequence[torch.Tensor], terms: Sequence[Tuple[int, Optional[torch.Tensor]]],
+                     world: int, extra: Sequence[torch.Tensor] = ()) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The pieces of log-sum-exps over the columns of all ranks, each rank holding its own
+    columns (the InsightFace Partial-FC recipe; the one place fastinst all-reduces a row max for a
+    log-sum-exp).
+
+    ``logits``: K score matrices, this rank's columns of each, [B, C_local]. Returns (m, sums):
+
+    - m [K, B]: each row's max over every rank's columns, no gradient (a constant shift,
+      whose gradient cancels in any log-sum-exp);
+    - sums [B, S + E]: for each (k, w) of ``terms``, Σ_j w_bj·exp(logits[k]_bj − m_kb) over
+      every rank's columns (w None: 1; any [B, C_local] weight, itself differentiable or not),
+      then the [B] tensors of ``extra``; summed over ranks in one collective, with gradient
+      (fastinst.core.dist's convention).
+
+    So log(sums[:, s]) + m[k] is the global log-sum-exp of logits[k] for a term (k, None).
+    Two collectives in all, of [K, B] and [B, S + E]: no rank ever holds B×N scores."""
+    b = logits[0].shape[0]
+    if logits[0].shape[1] > 0:
+        m = torch.stack([x.detach().amax(1) for x in logits])  # [K, B]
     else:  # this rank owns none of the columns
-        m = torch.full_like(pos.detach(), torch.finfo(logits.dtype).min)  # [B]
+        m = logits[0].new_full((len(logits), b), torch.finfo(logits[0].dtype).min)  # [K, B]
     if world > 1:
         m = fdist.all_reduce_no_grad(m, "max")
-    sumexp = torch.exp(logits - m.unsqueeze(1)).sum(1)  # [B]
-    stats = torch.stack([sumexp, pos], 1)  # [B, 2]: one collective for both
+    e = [torch.exp(x - m[k].unsqueeze(1)) for k, x in enumerate(logits)]  # K x [B, C_local]
+    sums = torch.stack([(e[k] if w is None else e[k] * w).sum(1) for k, w in terms] + list(extra), 1)  # [B, S + E]
     if world > 1:
-        stats = fdist.all_reduce_sum_with_grad(stats)
-    return (stats[:, 0].log() + m - stats[:, 1]).mean()
+        sums = fdist.all_reduce_sum_with_grad(sums)
+    return m, sums
+
+
+def partial_fc_cross_entropy(logits: torch.Tensor, pos: torch.Tensor, world: int) -> torch.Tensor:
+    """mean_b(logsumexp over all ranks' columns of ``logits`` [B, C_local] − the positive logit),
+    where ``pos`` [B] holds the positive logit on the rank owning it and 0 elsewhere: the
+    global sum-exp and the positive cross ranks in one collective (`sharded_exp_sums`)."""
+    m, stats = sharded_exp_sums([logits], [(0, None)], world, extra=[pos])  # [1, B], [B, 2]
+    return (stats[:, 0].log() + m[0] - stats[:, 1]).mean()
 
 
 class ShardedRows(nn.Module):
@@ -243,7 +265,7 @@ class ShardedRows(nn.Module):
 
     def row_tensors(self) -> list:
         """Every tensor of this module with one row per owned table row (first dim rows_local):
-        what a checkpoint reshards (`fastinst.reshard`). The table; a subclass adds its others."""
+        what a checkpoint reshards (`fastinst.train.reshard`). The table; a subclass adds its others."""
         return [self.table]
 
     @property

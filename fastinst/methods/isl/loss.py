@@ -10,8 +10,9 @@ and A(i) the sample's neighbour set (i included):
 
 q_i = softmax_j(M_h·M_j / T) without gradient, h the member of A(i)∖{i} whose memory row is
 nearest M_i (dot product). Every N-wide quantity is a sum over the bank's columns, so each
-rank sums over the columns it owns and only [B]-sized sums cross ranks (the row maxima, then
-one all_reduce of [B, 3] with gradient), as `fastinst.core.rows.partial_fc_cross_entropy` does:
+rank sums over the columns it owns and only [B]-sized sums cross ranks (the row maxima of p's
+and q's logits, then one all_reduce of [B, 4] with gradient): `fastinst.core.rows.sharded_exp_sums`,
+the primitive `partial_fc_cross_entropy` is built on too:
 
     KL(p‖q) = E_p[l − l_q] − lse(l) + lse(l_q),   E_p[l − l_q] = Σ_j e^{l_j − m}(l_j − l_qj) / Σ_j e^{l_j − m}
 """
@@ -22,6 +23,7 @@ from typing import Dict
 import torch
 
 from ...core import dist as fdist
+from ...core.rows import sharded_exp_sums
 from ..npid.bank import ShardedMemoryBank
 
 
@@ -62,20 +64,10 @@ def isl_loss(feats: torch.Tensor, index: torch.Tensor, nbrs: torch.Tensor, bank:
     h, has = nearest_neighbour(bank, index, nbrs)
     with torch.no_grad():
         lq = bank.rows(h) @ shard.t() / T  # [B, R], q's logits (no gradient)
-        maxes = torch.stack([logits.amax(1), lq.amax(1)], 1) if logits.shape[1] else \
-            torch.full((logits.shape[0], 2), torch.finfo(torch.float32).min, device=logits.device)
-        if world > 1:
-            maxes = fdist.all_reduce_no_grad(maxes, "max")  # [B, 2]
-        m, mq = maxes[:, 0], maxes[:, 1]
-        sum_q = torch.exp(lq - mq.unsqueeze(1)).sum(1)  # [B]
-        if world > 1:
-            sum_q = fdist.all_reduce_no_grad(sum_q, "sum")
-    e = torch.exp(logits - m.unsqueeze(1))  # [B, R]
     member = _owned_mask(index, nbrs, bank.start, bank.rows_local)  # [B, R]
-    stats = torch.stack([e.sum(1), (e * member).sum(1), (e * (logits - lq)).sum(1)], 1)  # [B, 3]
-    if world > 1:
-        stats = fdist.all_reduce_sum_with_grad(stats)
-    total, in_a, cross = stats.unbind(1)
+    # p's and q's row maxima; Σ_j e^{l_j − m} over all columns, over A(i), weighted by l − l_q; Σ_j e^{l_qj − m_q}
+    (m, mq), sums = sharded_exp_sums([logits, lq], [(0, None), (0, member), (0, logits - lq), (1, None)], world)
+    total, in_a, cross, sum_q = sums.unbind(1)  # [B] each
     nbr = total.log() - in_a.log()  # −log Σ_{A(i)} p_ij
     kl = cross / total - (total.log() + m) + (sum_q.log() + mq)  # KL(p_i ‖ q_i)
     per = nbr + kl_weight * kl * has.float()
