@@ -19,6 +19,17 @@ def _step_matrix(lr: float, momentum: float, weight_decay: float) -> list:
     return [[1.0 - lr * weight_decay, -lr * momentum], [weight_decay, momentum]]
 
 
+def _mul2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for [..., 2, 2] matrices, written out as elementwise products and sums: each entry
+    has the same bits whether a node is multiplied alone (a step appended) or in a batch (the
+    tree rebuilt on resume). A batched matmul need not round like a single one; on an Intel
+    Xeon the two differed in the last bit, so a resumed tree answered other products."""
+    a00, a01, a10, a11 = a[..., 0, 0], a[..., 0, 1], a[..., 1, 0], a[..., 1, 1]
+    b00, b01, b10, b11 = b[..., 0, 0], b[..., 0, 1], b[..., 1, 0], b[..., 1, 1]
+    return torch.stack([torch.stack([a00 * b00 + a01 * b10, a00 * b01 + a01 * b11], -1),
+                        torch.stack([a10 * b00 + a11 * b10, a10 * b01 + a11 * b11], -1)], -2)
+
+
 class _StepProducts:
     """Segment tree over the per-step matrices A_0, A_1, …: node i covers a dyadic range of
     steps [a, b) and holds A_{b−1}⋯A_a (later steps on the left).
@@ -54,7 +65,7 @@ class _StepProducts:
             nodes[capacity:capacity + len(self.lrs)] = leaves
         n = capacity // 2
         while n >= 1:  # level by level: node i = right child @ left child
-            nodes[n:2 * n] = nodes[2 * n + 1:4 * n:2] @ nodes[2 * n:4 * n:2]
+            nodes[n:2 * n] = _mul2(nodes[2 * n + 1:4 * n:2], nodes[2 * n:4 * n:2])
             n //= 2
         self.master = nodes  # [2cap, 2, 2] CPU
         self.nodes = nodes if torch.device(self.device).type == "cpu" else nodes.to(self.device)
@@ -73,7 +84,7 @@ class _StepProducts:
         path = [i]
         i //= 2
         while i >= 1:
-            self.master[i] = self.master[2 * i + 1] @ self.master[2 * i]
+            self.master[i] = _mul2(self.master[2 * i + 1], self.master[2 * i])
             path.append(i)
             i //= 2
         if self.nodes is not self.master:
