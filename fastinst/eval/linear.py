@@ -47,6 +47,7 @@ from .frozen import STAGE_POOL, build_frozen_backbone, frozen_features
 
 __all__ = ["linear_probe", "LinearProbe"]
 
+
 # --------------------------------------------------------------------------- set-up
 
 

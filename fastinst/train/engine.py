@@ -23,7 +23,8 @@ from .checkpoint import checkpoint_path, load_checkpoint, saved_world_size
 from .evaluation import evaluate
 from .metrics import Meter, MetricsLog, expected, progress
 from .schedule import Preemption
-from .trainer import NonFiniteLossError, Trainer, build_trainer, check_guard, enter_stage, run_step  # noqa: F401
+from .trainer import Trainer, build_trainer, check_guard, enter_stage, run_step
+
 
 # --------------------------------------------------------------------------- the loop
 
