@@ -29,9 +29,10 @@ import torch
 from fastinst.core.runtime import derive_seed
 
 from .base import LoaderBase, default_threads
-from .dali_graph import decode, eval_view, train_view
+from .dali_graph import decode, eval_view, mix_view, train_view
+from .mixture import MixPlans, MixRows, partners, prune
 from .sources import DataError, Source, log
-from .view_params import ViewParams
+from .view_params import ViewParams, image_size, view_params
 
 try:  # DALI is optional at import time so the torch backend works without it
     import nvidia.dali.fn as fn
@@ -52,19 +53,24 @@ class BatchFeed:
 
     With ``view_params`` (train mode) it also returns, per sample, its (views, N_PARAMS) float32
     parameter rows, a function of (seed, epoch, index, view) only (a header it cannot read is a
-    bad sample, like an unreadable file).
+    bad sample, like an unreadable file). With ``mix_plans`` (aug.mix) the batch is extended: the
+    sampled anchors first, then every partner their mixture plans read (index and label -1), and
+    each sample gets its (views, MixRows.width) mixing rows.
     Picklable (it runs in DALI's worker processes); the sampler is recomputed there, which is
     cheap and exact because samplers are pure functions of (seed, epoch, rank, world).
     Bad samples raise a DataError naming the file, or (on_error=skip) are left out of the batch:
-    the loader sees the shorter batch and records which index is missing.
+    the loader sees the shorter batch and records which index is missing. A bad partner (or one
+    in ``blocklist``) with on_error=skip leaves its pass unmixed.
     """
 
     def __init__(self, source: Source, sampler, batch_size: int, drop_last: bool, on_error: str,
-                 start_epoch: int, start_batch: int, blocklist=(), view_params=None):
+                 start_epoch: int, start_batch: int, blocklist=(), view_params=None, mix_plans=None):
         self.source, self.sampler, self.view_params = source, sampler, view_params
         self.batch_size, self.drop_last, self.on_error = batch_size, drop_last, on_error
         self.start_epoch, self.start_batch = start_epoch, start_batch
         self.blocklist = frozenset(int(i) for i in blocklist)
+        self.mix_plans = mix_plans
+        self.mix_rows = MixRows(mix_plans.mix) if mix_plans is not None else None
         self._plan_epoch, self._plan = None, None
 
     def plan(self, epoch: int):
@@ -99,7 +105,38 @@ class BatchFeed:
         if not bufs:
             raise DataError(f"every sample of batch {b} (epoch {epoch}) was bad; first: "
                             f"{self.source.describe(int(plan[b][0]))}")
+        if self.mix_plans is not None:
+            return self._with_partners(epoch, bufs, idx, lab, rows)
         return (bufs, idx, lab, rows) if self.view_params is not None else (bufs, idx, lab)
+
+    def _with_partners(self, epoch: int, bufs: list, idx: list, lab: list, rows: list):
+        """The anchors followed by their mixture partners, each partner's view cut by the view
+        function of the view it is mixed into (its parameter row copied to every view)."""
+        read = {}  # id(partner) -> (bytes, (height, width)) of the partners that read
+
+        def readable(p) -> bool:
+            if id(p) not in read and p.index not in self.blocklist:
+                where = self.source.describe(p.index)
+                try:
+                    buf = self.source.read_checked(p.index)
+                    read[id(p)] = buf, image_size(buf, where)
+                except DataError as e:
+                    if self.on_error == "raise":
+                        raise DataError(f"{e} (a mixture partner of {self.source.describe(int(idx[0]))}'s batch)") from None
+            return id(p) in read
+
+        views = range(self.view_params.num_views)
+        plans = [[prune(self.mix_plans.plan(epoch, int(i), v), lambda p: not readable(p)) for v in views]
+                 for i in idx]
+        found, mix = self.mix_rows.batch(plans)
+        for p, v in found:
+            buf, (h, w) = read[id(p)]
+            row = view_params(p.uniforms, h, w, self.view_params.crops[v], self.view_params.aug)
+            bufs.append(buf)
+            idx.append(np.array(-1, dtype=np.int64))
+            lab.append(np.array(-1, dtype=np.int64))
+            rows.append(np.stack([row] * len(views)))
+        return bufs, idx, lab, rows, list(mix)
 
 
 # --------------------------------------------------------------------------- loader
@@ -143,9 +180,11 @@ class DaliLoader(LoaderBase):
     # -- pipeline ------------------------------------------------------------------------
     def _build(self):
         train = self.mode == "train"
+        mixing = train and self.aug.mix.kind != "none"
         feed = BatchFeed(self.source, self.sampler, self.batch_size, self.drop_last, self.on_error,
                          self.epoch, self.next_batch, blocklist=self.skipped.keys(),
-                         view_params=ViewParams(self.aug, self.seed) if train else None)
+                         view_params=ViewParams(self.aug, self.seed) if train else None,
+                         mix_plans=MixPlans(self.aug, self.seed, len(self.source)) if mixing else None)
         aug, mode = self.aug, self.mode
         decode_device = "mixed" if self.device == "gpu" else "cpu"
         out_dtype = types.FLOAT16 if self.fp16 else types.FLOAT
@@ -154,14 +193,20 @@ class DaliLoader(LoaderBase):
 
         @pipeline_def(enable_conditionals=True)
         def pipe_fn():
-            dtypes = [types.UINT8, types.INT64, types.INT64] + [types.FLOAT] * train
+            dtypes = [types.UINT8, types.INT64, types.INT64] + [types.FLOAT] * (train + mixing)
             jpegs, index, label, *params = fn.external_source(source=feed, num_outputs=len(dtypes), batch=True,
                                                               batch_info=True, parallel=True, dtype=dtypes)
             images = decode(jpegs, decode_device, hw_load)
             if mode == "train":  # view v reads row v of the sample's (views, N_PARAMS) parameters
                 hw = fn.cast(fn.peek_image_shape(jpegs)[0:2], dtype=types.FLOAT)  # header parse, on the CPU
-                views = [train_view(images, hw, params[0][v], crop, aug, out_dtype=out_dtype, layout=layout)
+                dtype = types.FLOAT if mixing else out_dtype  # mixed in float32, then stored
+                views = [train_view(images, hw, params[0][v], crop, aug, out_dtype=dtype, layout=layout)
                          for v, crop in enumerate(feed.view_params.crops)]
+                if mixing:  # the partners follow the anchors in the batch: gathered by position
+                    mix, dev = params[1], params[1].gpu() if decode_device == "mixed" else None
+                    views = [mix_view(x, mix[v], aug.mix, feed.mix_rows, layout, None if dev is None else dev[v])
+                             for v, x in enumerate(views)]
+                    views = [fn.cast(x, dtype=out_dtype) for x in views] if self.fp16 else views
             elif mode == "decode":  # profiling: the decode stage alone (outputs stay in DALI)
                 views = [images]
             else:
@@ -170,11 +215,29 @@ class DaliLoader(LoaderBase):
 
         # The graph has no random op (the parameters come from the feed): DALI's seed is moot.
         pipe_seed = derive_seed(self.seed, "dali") % (2 ** 31)
-        pipe = pipe_fn(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
+        pipe = pipe_fn(batch_size=self.batch_size * (1 + self.num_views * self.partners_per_view()),
+                       num_threads=self.num_threads, device_id=self.device_id,
                        prefetch_queue_depth=self.prefetch, py_num_workers=self.num_workers,
                        py_start_method="spawn", seed=pipe_seed, exec_dynamic=True)
         pipe.build()
         self._pipe, self._pipe_pos = pipe, (self.epoch, self.next_batch)
+
+    def partners_per_view(self) -> int:
+        """The most partners one view can read (the extended batch's bound), 0 without a mixture."""
+        mix = self.aug.mix
+        if self.mode != "train" or not mix.uses_partners:
+            return 0
+        return {"global": mix.g_num, "region": mix.r_num, "im": mix.g_num + mix.r_num * (1 + mix.g_num)}[mix.kind]
+
+    def _partners_of(self, batches) -> list:
+        """[the data-set indices the mixture plans of ``batches``' samples read] (a bad partner
+        fails the pipeline too: it is found, named and, with on_error=skip, left unmixed)."""
+        if self.partners_per_view() == 0:
+            return []
+        plans = MixPlans(self.aug, self.seed, len(self.source))
+        found = {p.index for b in batches for i in b.tolist() for v in range(self.num_views)
+                 for p in partners(plans.plan(self.epoch, i, v))}
+        return [np.array(sorted(found), dtype=np.int64)]
 
     def _restart(self) -> None:
         if self._pipe is not None and self._pipe_pos != (self.epoch, self.next_batch):
@@ -195,13 +258,14 @@ class DaliLoader(LoaderBase):
         return torch.from_numpy(tl.as_array())  # as_array() copies, so no buffer is reused
 
     def _convert(self, outs) -> dict:
+        index = outs[self.num_views].as_array().reshape(-1).astype(np.int64)
+        n = int((index >= 0).sum())  # the anchors; a mixture's partners (index -1) follow them
         views = []
         for tl in outs[: self.num_views if self.mode != "decode" else 0]:
-            t = self._to_torch(tl)
+            t = self._to_torch(tl)[:n]
             views.append(t.permute(0, 3, 1, 2) if self.channels_last else t)  # NHWC storage, NCHW shape
-        index = torch.from_numpy(outs[self.num_views].as_array().reshape(-1).astype(np.int64))
-        label = torch.from_numpy(outs[self.num_views + 1].as_array().reshape(-1).astype(np.int64))
-        return {"views": views, "index": index, "label": label}
+        label = outs[self.num_views + 1].as_array().reshape(-1).astype(np.int64)[:n]
+        return {"views": views, "index": torch.from_numpy(index[:n]), "label": torch.from_numpy(label)}
 
     # -- iteration -----------------------------------------------------------------------
     def _iter_epoch(self):
@@ -241,7 +305,7 @@ class DaliLoader(LoaderBase):
             raise DataError(msg) from None
         # DALI reports the error of any prefetched batch: inspect the batches in flight.
         in_flight = plan[self.next_batch:self.next_batch + self.prefetch + 1]
-        bad = self.find_undecodable(in_flight)
+        bad = self.find_undecodable(in_flight + self._partners_of(in_flight))
         if not bad:
             raise RuntimeError(f"DALI pipeline failed at epoch {self.epoch}, batch {self.next_batch} and no "
                                f"sample of the batches in flight fails to decode with PIL: {e}") from e

@@ -110,3 +110,39 @@ def _normalise(v, aug, *, out_dtype, layout, mirror, crop=None):
     mean, std = normalisation(aug)
     return fn.crop_mirror_normalize(to_colourspace(v, aug.colorspace), mirror=mirror, dtype=out_dtype,
                                     output_layout=layout, mean=list(mean), std=list(std), **kw)
+
+
+def _erase(x, anchor, shape, axes):
+    return fn.erase(x, anchor=anchor, shape=shape, axes=axes, fill_value=0.0)
+
+
+def mix_view(v, m, mix, rows, layout: str, m_dev=None):
+    """The image mixture (loaders/mixture.py) of one view over an extended batch: ``v`` the
+    normalised float view of every sample (anchors, then the partners they read), ``m`` each
+    sample's mixing row (`MixRows`). Global passes blend in ``permute_batch``-gathered partner
+    views; region passes paste a partner's box, where the partner is its globally mixed view
+    (im: the seed's RM over GM); Cutout / RandomErasing fill a box. An identity slot (own
+    position, lam 1, scale 1, empty box) changes no bit. Positions and boxes are argument inputs,
+    read from ``m`` on the CPU; the factors multiply the view on its device (``m_dev``: ``m`` on
+    the GPU for a GPU view)."""
+    axes = (0, 1) if layout == "HWC" else (1, 2)
+    f = m if m_dev is None else m_dev
+    g = v
+    if mix.kind in ("global", "im"):
+        for k in range(rows.g):
+            j = rows.g_slot(k)
+            lam = f[j + 1]
+            g = g * lam + fn.permute_batch(v, indices=fn.cast(m[j], dtype=types.INT32)) * (1.0 - lam)
+    out = g
+    if mix.kind in ("region", "im"):
+        for k in range(rows.r):
+            j = rows.r_slot(k)
+            other = fn.permute_batch(g, indices=fn.cast(m[j], dtype=types.INT32))
+            anchor, shape = m[j + 2:j + 4], m[j + 4:j + 6]
+            out = _erase(out * f[j + 1], anchor, shape, axes) + (other - _erase(other, anchor, shape, axes))
+    if mix.kind in ("cutout", "erasing"):
+        j = rows.fill
+        anchor, shape = m[j + 1:j + 3], m[j + 3:j + 5]
+        ones = out * 0.0 + 1.0
+        out = _erase(out, anchor, shape, axes) + f[j] * (ones - _erase(ones, anchor, shape, axes))
+    return out

@@ -18,8 +18,9 @@ import torch.utils.data as tud
 
 from fastinst.core.runtime import derive_seed
 
-from .colour import convert, normalisation
 from .base import LoaderBase, default_threads
+from .colour import convert, normalisation
+from .mixture import MixPlans, apply_plan, partners, prune
 from .sources import DataError, PIL_decode_check, Source
 
 
@@ -66,12 +67,13 @@ class MultiViewDataset(tud.Dataset):
         mean, std = normalisation(aug)
         self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
         self.colorspace = aug.colorspace
+        self.plans = MixPlans(aug, seed, len(source)) if mode == "train" and aug.mix.kind != "none" else None
         self.epoch = 0
 
     def __len__(self):
         return len(self.source)
 
-    def _to_tensor(self, img) -> torch.Tensor:  # (3, H, W) float, or uint8 when raw
+    def _to_tensor(self, img, half: bool) -> torch.Tensor:  # (3, H, W) float, or uint8 when raw
         arr = np.asarray(img, dtype=np.uint8)  # (H, W, 3) RGB
         if self.colorspace != "rgb":
             arr = convert(arr, self.colorspace)  # float32 (H, W, 3)
@@ -79,7 +81,7 @@ class MultiViewDataset(tud.Dataset):
         if self.raw:
             return arr.permute(2, 0, 1)
         t = arr.permute(2, 0, 1).float().sub_(self.mean).div_(self.std)
-        return t.half() if self.fp16 else t
+        return t.half() if half else t
 
     def __getitem__(self, key):
         epoch, i = key
@@ -91,8 +93,29 @@ class MultiViewDataset(tud.Dataset):
             return None
         # torchvision's transforms draw from torch's global RNG: seed it per (seed, epoch, index)
         torch.manual_seed(derive_seed(self.seed, "view", epoch, i))
-        views = [self._to_tensor(t(img)) for t in self.transforms]
+        mixed = self.plans is not None  # mixed in float32, then stored as fp16 (as DALI does)
+        views = [self._to_tensor(t(img), self.fp16 and not mixed) for t in self.transforms]
+        if mixed:
+            views = [self._mixed(epoch, i, v, x) for v, x in enumerate(views)]
+            views = [x.half() for x in views] if self.fp16 else views
         return views, i, int(self.source.labels[i])
+
+    def _mixed(self, epoch: int, i: int, v: int, x: torch.Tensor) -> torch.Tensor:
+        """View ``v`` of sample ``i`` through its mixture plan (loaders/mixture.py): each partner
+        decoded and cut by the same view transform, seeded per (seed, epoch, index, view, partner)."""
+        ops = self.plans.plan(epoch, i, v)
+        cut = {}
+        for k, p in enumerate(partners(ops)):
+            try:
+                img = PIL_decode_check(self.source.read_checked(p.index), self.source.describe(p.index))
+            except DataError as e:
+                if self.on_error == "raise":
+                    raise DataError(f"{e} (a mixture partner of {self.source.describe(i)})") from None
+                continue  # that pass does not mix
+            torch.manual_seed(derive_seed(self.seed, "mix-view", epoch, i, v, k))
+            cut[id(p)] = self._to_tensor(self.transforms[v](img), False)
+        ops = prune(ops, lambda p: id(p) not in cut)
+        return apply_plan(x, ops, lambda p: cut[id(p)])
 
 
 def collate(items, channels_last: bool):
@@ -145,8 +168,9 @@ class TorchLoader(LoaderBase):
         use_cuda = torch.cuda.is_available() and device != "cpu"
         self.to_gpu = use_cuda
         # On a GPU: uint8 views into pinned memory, copied asynchronously, normalised there.
+        # rank-free: the same views at any world size; mixed views are mixed after normalising
         self.dataset = MultiViewDataset(source, aug, mode, seed, channels_last, fp16, on_error,
-                                        raw=use_cuda and aug.colorspace == "rgb")  # rank-free: same views at any world size
+                                        raw=use_cuda and aug.colorspace == "rgb" and aug.mix.kind == "none")
         self.fp16 = fp16
         if self.dataset.raw:
             self._mean = self.dataset.mean.view(1, 3, 1, 1).cuda()

@@ -14,6 +14,6 @@ builders and the evaluation protocols all import this package, never the reverse
 from .errors import ConfigError, check  # noqa: F401
 from .eval_sections import DistConfig, EvalConfig, LinearConfig, SVMConfig  # noqa: F401
 from .files import apply_overrides, load_yaml, parse_override, save_config, to_dict  # noqa: F401
-from .sections import (AugConfig, CropConfig, DataConfig, LoaderConfig, ModelConfig, ProfileConfig,  # noqa: F401
-                       SamplerConfig, TrainConfig)
+from .sections import (AugConfig, CropConfig, DataConfig, LoaderConfig, MixConfig, ModelConfig,  # noqa: F401
+                       ProfileConfig, SamplerConfig, TrainConfig)
 from .tree import Config, config_from_dict, for_world, load_config, use_method_registry  # noqa: F401

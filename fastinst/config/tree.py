@@ -76,6 +76,9 @@ class Config:
         if self.sampler.kind == "sliding_window":
             check(self.sampler.window >= self.loader.batch_size, "sampler.window",
                   "must be >= loader.batch_size (one window holds many batches)")
+        check(not (self.aug.mix.uses_partners and self.data.cache == "part"), "aug.mix.kind",
+              f"{self.aug.mix.kind} draws partners from the whole data set, but data.cache=part holds only this "
+              "rank's rows; use data.cache=full (one copy per node) or none")
         # The method checks what it needs of the rest of the config at start-up; the
         # registry names the valid methods.
         _methods().check(self)

@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config, ConfigError, CropConfig, SamplerConfig, save_config, to_dict
+from ..config import Config, ConfigError, CropConfig, MixConfig, SamplerConfig, save_config, to_dict
 from ..core.runtime import DistEnv, init_distributed, log0, rng_state, seed_process, set_rng_state
 from ..methods.base import unwrap
 from ..train.build import resolve_amp, resolve_resume
@@ -53,11 +53,12 @@ __all__ = ["linear_probe", "LinearProbe"]
 
 def probe_data_config(cfg: Config) -> Config:
     """The config the probe's loaders see: one train view of PIC's 'NULL' augmentation
-    (random-resized crop + flip, no colour), an epoch sampler over the whole split."""
+    (random-resized crop + flip, no colour, no mixture), an epoch sampler over the whole split."""
     lin = cfg.linear
     size = lin.crop_size or cfg.aug.eval_crop
     aug = dataclasses.replace(cfg.aug, crops=(CropConfig(count=1, size=size, scale=lin.crop_scale),),
-                              flip_p=lin.flip_p, jitter_p=0.0, grey_p=0.0, blur_p=0.0, solarize_p=0.0)
+                              flip_p=lin.flip_p, jitter_p=0.0, grey_p=0.0, blur_p=0.0, solarize_p=0.0,
+                              mix=MixConfig())
     return dataclasses.replace(cfg, aug=aug, sampler=SamplerConfig(kind="epoch", seed=cfg.sampler.seed))
 
 
