@@ -29,7 +29,7 @@ import torch
 from fastinst.core.runtime import derive_seed
 
 from .base import LoaderBase, default_threads
-from .dali_graph import decode, eval_view, mix_view, train_view
+from .dali_graph import decode, eval_view, mixed_train_view, train_view
 from .mixture import MixPlans, MixRows, partners, prune
 from .sources import DataError, Source, log
 from .view_params import ViewParams, image_size, view_params
@@ -199,14 +199,15 @@ class DaliLoader(LoaderBase):
             images = decode(jpegs, decode_device, hw_load)
             if mode == "train":  # view v reads row v of the sample's (views, N_PARAMS) parameters
                 hw = fn.cast(fn.peek_image_shape(jpegs)[0:2], dtype=types.FLOAT)  # header parse, on the CPU
-                dtype = types.FLOAT if mixing else out_dtype  # mixed in float32, then stored
-                views = [train_view(images, hw, params[0][v], crop, aug, out_dtype=dtype, layout=layout)
-                         for v, crop in enumerate(feed.view_params.crops)]
                 if mixing:  # the partners follow the anchors in the batch: gathered by position
                     mix, dev = params[1], params[1].gpu() if decode_device == "mixed" else None
-                    views = [mix_view(x, mix[v], aug.mix, feed.mix_rows, layout, None if dev is None else dev[v])
-                             for v, x in enumerate(views)]
+                    views = [mixed_train_view(images, hw, params[0][v], mix[v], crop, aug, feed.mix_rows,
+                                              layout=layout, m_dev=None if dev is None else dev[v])
+                             for v, crop in enumerate(feed.view_params.crops)]  # mixed in float32, then stored
                     views = [fn.cast(x, dtype=out_dtype) for x in views] if self.fp16 else views
+                else:
+                    views = [train_view(images, hw, params[0][v], crop, aug, out_dtype=out_dtype, layout=layout)
+                             for v, crop in enumerate(feed.view_params.crops)]
             elif mode == "decode":  # profiling: the decode stage alone (outputs stay in DALI)
                 views = [images]
             else:

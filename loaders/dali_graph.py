@@ -112,6 +112,19 @@ def _normalise(v, aug, *, out_dtype, layout, mirror, crop=None):
                                     output_layout=layout, mean=list(mean), std=list(std), **kw)
 
 
+def mixed_train_view(images, hw, params, m, crop, aug, rows, *, layout: str, m_dev=None):
+    """A training view over a mixture's extended batch: cut only where the sample needs it (an
+    anchor, or a partner mixed into this view; the others get a 1 x 1 stand-in, never read),
+    mixed (`mix_view`), then each position keeps its row's ``keep`` sample: the anchors their
+    own views, the partners (dropped by the loader) the first anchor's, so the batch is uniform."""
+    if fn.cast(m[rows.needs], dtype=types.BOOL):
+        x = train_view(images, hw, params, crop, aug, out_dtype=types.FLOAT, layout=layout)
+    else:
+        x = fn.crop_mirror_normalize(images, crop=(1, 1), dtype=types.FLOAT, output_layout=layout)
+    x = mix_view(x, m, aug.mix, rows, layout, m_dev)
+    return fn.permute_batch(x, indices=fn.cast(m[rows.keep], dtype=types.INT32))
+
+
 def _erase(x, anchor, shape, axes):
     return fn.erase(x, anchor=anchor, shape=shape, axes=axes, fill_value=0.0)
 
@@ -121,28 +134,32 @@ def mix_view(v, m, mix, rows, layout: str, m_dev=None):
     normalised float view of every sample (anchors, then the partners they read), ``m`` each
     sample's mixing row (`MixRows`). Global passes blend in ``permute_batch``-gathered partner
     views; region passes paste a partner's box, where the partner is its globally mixed view
-    (im: the seed's RM over GM); Cutout / RandomErasing fill a box. An identity slot (own
-    position, lam 1, scale 1, empty box) changes no bit. Positions and boxes are argument inputs,
-    read from ``m`` on the CPU; the factors multiply the view on its device (``m_dev``: ``m`` on
-    the GPU for a GPU view)."""
+    (im: the seed's RM over GM); Cutout / RandomErasing fill a box. Each pass runs inside a DALI
+    conditional on its flag, so only the samples it fires for do its arithmetic; the others
+    keep every bit. Positions, boxes and flags are argument inputs, read from ``m`` on the CPU;
+    the factors multiply the view on its device (``m_dev``: ``m`` on the GPU for a GPU view)."""
     axes = (0, 1) if layout == "HWC" else (1, 2)
     f = m if m_dev is None else m_dev
     g = v
     if mix.kind in ("global", "im"):
         for k in range(rows.g):
             j = rows.g_slot(k)
+            partner = fn.permute_batch(v, indices=fn.cast(m[j], dtype=types.INT32))  # gathered before the split
             lam = f[j + 1]
-            g = g * lam + fn.permute_batch(v, indices=fn.cast(m[j], dtype=types.INT32)) * (1.0 - lam)
+            if fn.cast(m[j + 2], dtype=types.BOOL):
+                g = g * lam + partner * (1.0 - lam)
     out = g
     if mix.kind in ("region", "im"):
         for k in range(rows.r):
             j = rows.r_slot(k)
             other = fn.permute_batch(g, indices=fn.cast(m[j], dtype=types.INT32))
-            anchor, shape = m[j + 2:j + 4], m[j + 4:j + 6]
-            out = _erase(out * f[j + 1], anchor, shape, axes) + (other - _erase(other, anchor, shape, axes))
+            anchor, shape, scale = m[j + 2:j + 4], m[j + 4:j + 6], f[j + 1]
+            if fn.cast(m[j + 6], dtype=types.BOOL):
+                out = _erase(out * scale, anchor, shape, axes) + (other - _erase(other, anchor, shape, axes))
     if mix.kind in ("cutout", "erasing"):
         j = rows.fill
-        anchor, shape = m[j + 1:j + 3], m[j + 3:j + 5]
-        ones = out * 0.0 + 1.0
-        out = _erase(out, anchor, shape, axes) + f[j] * (ones - _erase(ones, anchor, shape, axes))
+        anchor, shape, value = m[j + 1:j + 3], m[j + 3:j + 5], f[j]
+        if fn.cast(m[j + 5], dtype=types.BOOL):
+            ones = out * 0.0 + 1.0
+            out = _erase(out, anchor, shape, axes) + value * (ones - _erase(ones, anchor, shape, axes))
     return out

@@ -218,19 +218,25 @@ def prune(ops: list, bad: Callable[[Partner], bool]) -> list:
 class MixRows:
     """Layout of one view's mixing row (float32), for an extended batch: the sampled anchors
     first, then every partner they read, each a sample of its own (decoded and cut once). Slot
-    k of a phase names a position in the extended batch; an unused slot is the identity (its own
-    position, lam 1, scale 1, an empty box), which leaves a view bit for bit as it was."""
+    k of a phase names a position in the extended batch and ends with its flag (1: the pass
+    fires); an unused slot is the identity (flag 0: the graph leaves the view as it was)."""
+
+    G, R, F = 3, 7, 6  # floats per global slot [position, lam, on], region slot [position, scale, r0, c0, h, w,
+    #                    on], fill slot [value, r0, c0, h, w, on]
 
     def __init__(self, mix):
         self.g, self.r = mix.g_num, mix.r_num
-        self.region, self.fill = 2 * self.g, 2 * self.g + 6 * self.r
-        self.width = self.fill + 5
+        self.region, self.fill = self.G * self.g, self.G * self.g + self.R * self.r
+        # then: whether the sample needs this view cut (an anchor: every view; a partner: the view
+        # it is mixed into), and the position whose view the output keeps here (a partner: 0)
+        self.needs, self.keep = self.fill + self.F, self.fill + self.F + 1
+        self.width = self.keep + 1
 
-    def g_slot(self, k: int) -> int:  # [position, lam]
-        return 2 * k
+    def g_slot(self, k: int) -> int:
+        return self.G * k
 
-    def r_slot(self, k: int) -> int:  # [position, scale, r0, c0, h, w]
-        return self.region + 6 * k
+    def r_slot(self, k: int) -> int:
+        return self.region + self.R * k
 
     def identity(self, position: int) -> np.ndarray:
         row = np.zeros(self.width, dtype=np.float32)
@@ -238,7 +244,7 @@ class MixRows:
             row[self.g_slot(k):self.g_slot(k) + 2] = (position, 1.0)
         for k in range(self.r):
             row[self.r_slot(k):self.r_slot(k) + 2] = (position, 1.0)
-        return row  # fill: value 0 on an empty box
+        return row  # every flag 0: no pass, no view needed, keeps position 0
 
     def batch(self, plans: List[List[list]]):
         """(partners, rows): ``plans[b][v]`` the ops of anchor b's view v; ``partners`` the
@@ -246,11 +252,14 @@ class MixRows:
         num_views = len(plans[0]) if plans else 0
         found: List[Tuple[Partner, int]] = []
         rows: List[np.ndarray] = [np.stack([self.identity(b)] * num_views) for b in range(len(plans))]
+        for b, r in enumerate(rows):
+            r[:, self.needs], r[:, self.keep] = 1.0, b
 
         def add(partner: Partner, v: int) -> int:
             pos = len(plans) + len(found)
             found.append((partner, v))
             rows.append(np.stack([self.identity(pos)] * num_views))
+            rows[pos][v, self.needs] = 1.0
             place(partner.ops, pos, v)
             return pos
 
@@ -258,15 +267,16 @@ class MixRows:
             row, g, r = rows[pos][v], 0, 0
             for op in ops:
                 if isinstance(op, Blend):
-                    row[self.g_slot(g):self.g_slot(g) + 2] = (add(op.partner, v), op.lam)
+                    row[self.g_slot(g):self.g_slot(g) + self.G] = (add(op.partner, v), op.lam, 1.0)
                     g += 1
                 elif isinstance(op, Paste):
                     r0, r1, c0, c1 = op.box
-                    row[self.r_slot(r):self.r_slot(r) + 6] = (add(op.partner, v), op.scale, r0, c0, r1 - r0, c1 - c0)
+                    row[self.r_slot(r):self.r_slot(r) + self.R] = (add(op.partner, v), op.scale, r0, c0, r1 - r0,
+                                                                   c1 - c0, 1.0)
                     r += 1
                 else:
                     r0, r1, c0, c1 = op.box
-                    row[self.fill:self.fill + 5] = (op.value, r0, c0, r1 - r0, c1 - c0)
+                    row[self.fill:self.fill + self.F] = (op.value, r0, c0, r1 - r0, c1 - c0, 1.0)
 
         for b, views in enumerate(plans):
             for v, ops in enumerate(views):

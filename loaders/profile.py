@@ -14,6 +14,7 @@ loader's GPU memory and a one-line recommendation, and draws ``profile.png``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -22,12 +23,12 @@ from typing import List, Optional
 
 import torch
 
-from fastinst.config import save_config, to_dict
-
+from fastinst.config import MixConfig, save_config, to_dict
 from fastinst.core.runtime import DistEnv
 
 from . import build_loader, build_source
 from .doctor import CpuBusy, bar_chart, diagnose, format_doctor, gpu_used_bytes, transfer_rate, view_bytes
+from .mixture import MixPlans, partners
 from .sources import log
 
 
@@ -108,9 +109,19 @@ def run_profile(cfg, out_dir: str, env: Optional[DistEnv] = None) -> dict:
                 "augment_ms_per_image": max(0.0, per_img_full - per_img_dec) * 1e3,
                 "full_ms_per_image": per_img_full * 1e3,
             }
+        if cfg.aug.mix.kind != "none":  # the same loader without the mixture, for its cost
+            plain = dataclasses.replace(cfg, aug=dataclasses.replace(cfg.aug, mix=MixConfig()))
+            ld = build_loader(plain, cfg.data.train_split, mode="train", env=env, source=source, backend=backend)
+            try:
+                row["without_mix_images_per_s"] = _time_loader(ld, pc.warmup_batches, pc.batches)["images_per_s"]
+            finally:
+                ld.close()
+                del ld
         log(f"profile: {backend}: {row['images_per_s']:.1f} images/s")
         results.append(row)
     report = {"results": results, "host": _host_info(), "config": to_dict(cfg), "dataset_images": len(source)}
+    if cfg.aug.mix.kind != "none":
+        report["mix"] = _mix_stats(cfg, len(source))
     report["doctor"] = diagnose(report)
     report["chart"] = bar_chart(report["doctor"], os.path.join(out_dir, "profile.png"))
     by = {r["backend"]: r for r in results}
@@ -122,6 +133,15 @@ def run_profile(cfg, out_dir: str, env: Optional[DistEnv] = None) -> dict:
     print(format_table(report))
     print(format_doctor(report["doctor"]))
     return report
+
+
+def _mix_stats(cfg, n: int, samples: int = 2000) -> dict:
+    """What the mixture asks of the loader: partner images decoded per sampled image (all views),
+    and the share of sampled images that need at least one, over the first ``samples`` indices."""
+    plans = MixPlans(cfg.aug, cfg.seed, n)
+    counts = [sum(len(partners(plans.plan(0, i, v))) for v in range(cfg.aug.num_views)) for i in range(min(n, samples))]
+    return {"kind": cfg.aug.mix.kind, "partners_per_image": sum(counts) / len(counts),
+            "images_with_partners": sum(c > 0 for c in counts) / len(counts)}
 
 
 def _loader_info(loader) -> dict:
@@ -155,6 +175,14 @@ def format_table(report: dict) -> str:
                      f"{st.get('decode_ms_per_image', float('nan')):>10.2f} {st.get('augment_ms_per_image', float('nan')):>10.2f}")
     if "speedup_dali_over_torch" in report:
         lines.append(f"DALI / torchvision images/s: {report['speedup_dali_over_torch']:.2f}x")
+    if "mix" in report:
+        m = report["mix"]
+        for r in report["results"]:
+            lines.append(f"aug.mix.kind={m['kind']} ({r['backend']}): {r['images_per_s']:.1f} images/s against "
+                         f"{r['without_mix_images_per_s']:.1f} with kind=none "
+                         f"({r['images_per_s'] / r['without_mix_images_per_s']:.2f}x)")
+        lines.append(f"  partner decodes per image: {m['partners_per_image']:.2f}; images needing one: "
+                     f"{100 * m['images_with_partners']:.0f}%")
     rr = (report["results"][0].get("stages") or {}).get("read_images_per_s_1proc")
     if rr:
         lines.append(f"read stage alone (1 process): {rr:.0f} images/s")

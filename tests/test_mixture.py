@@ -262,7 +262,7 @@ def test_dali_graph_mixes_as_the_torch_function(kind):
     base = {i: rng.normal(size=(SIDE, SIDE, 3)).astype(np.float32) for i in range(n)}
     views = [base[i] for i in range(b)] + [base[p.index] for p, _ in found]
 
-    @pipeline_def(batch_size=len(views), num_threads=1, device_id=None)
+    @pipeline_def(batch_size=len(views), num_threads=1, device_id=None, enable_conditionals=True)
     def pipe():
         x, m = fn.external_source(source=lambda: (views, list(rows[:, 0])), num_outputs=2, batch=True,
                                   layout=["HWC", None])
@@ -403,3 +403,22 @@ def test_mixed_dali_views_bit_identical_across_world_sizes_and_resume(photos):
     resumed.load_state_dict(state)
     rest = views_by_index(resumed)
     assert len(rest) == 24 - 8 and all(torch.equal(a, b) for i in rest for a, b in zip(rest[i], whole[i]))
+
+
+def test_im_config_is_cmc_recipe_plus_the_seed_defaults():
+    """configs/cmc_imagenet100_r50v1_ycbcr_im.yaml: the seed's IM flags (train_CMC.py defaults),
+    everything else as the ImageNet-100 CMC config; MixConfig's defaults are the seed's too."""
+    import dataclasses
+    import os
+
+    from fastinst.config import MixConfig, to_dict
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    im = load_config(os.path.join(root, "configs", "cmc_imagenet100_r50v1_ycbcr_im.yaml"))
+    base = load_config(os.path.join(root, "configs", "cmc_imagenet100_r50v1_ycbcr.yaml"))
+    seed = dict(g_alpha=1.0, g_num=2, g_prob=0.1, r_beta=1.0, r_prob=0.1, r_num=2, r_pixel_decay=1.0, mask_size=50,
+                cutout_p=0.1, cutout_inside=False, mask_color=0.0, area_ratio_range=(0.02, 0.4),
+                random_erasing_prob=0.1, min_aspect_ratio=0.3, max_attempt=20)
+    assert im.aug.mix == MixConfig(kind="im", **seed) and MixConfig() == MixConfig(kind="none", **seed)
+    same = dataclasses.replace(im, name=base.name, aug=dataclasses.replace(im.aug, mix=MixConfig()))
+    assert to_dict(same) == to_dict(base)
