@@ -224,7 +224,9 @@ class ProfileConfig:
 class ModelConfig:
     """torchvision ResNet trunk + projection head (fastinst/core/model.py)."""
 
-    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = "resnet50"
+    # resnet*: torchvision's; alexnet: ISL's (small stem: its 32 px CIFAR AlexNet); alexnet_half:
+    # CMC's half-width AlexNet (one per view: L / ab), fastinst/core/alexnet.py.
+    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "alexnet", "alexnet_half"] = "resnet50"
     # imagenet: 7x7/2 conv + max-pool; small: 3x3/1 conv, no pool (lemniscate resnet_cifar, 28-96 px).
     stem: Literal["imagenet", "small"] = "imagenet"
     # Stage widths int(64 * width) * {1, 2, 4, 8}, the stem keeping 64 channels (CMC's
@@ -252,6 +254,13 @@ class ModelConfig:
         check(self.width > 0 and int(64 * self.width) >= 1, "model.width",
               f"must be > 0 with int(64 * width) >= 1 (1 = torchvision's widths), got {self.width}")
         check(self.hidden_dim >= 1, "model.hidden_dim", "must be >= 1")
+        if self.arch.startswith("alexnet"):
+            check(self.width == 1.0 and not self.zero_init_residual, "model.arch",
+                  f"{self.arch} has the seed's fixed widths and no residual blocks: use model.width=1 and "
+                  "model.zero_init_residual=false")
+            check(self.arch == "alexnet" or self.stem == "imagenet", "model.stem",
+                  "alexnet_half is CMC's 224 px AlexNet: use model.stem=imagenet (model.arch=alexnet with "
+                  "model.stem=small is ISL's 32 px one)")
 
 
 @dataclass(frozen=True, kw_only=True)

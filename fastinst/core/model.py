@@ -1,6 +1,7 @@
-"""Embedding network: a torchvision ResNet trunk plus a projection head.
+"""Embedding network: a torchvision ResNet trunk (or one of the seeds' AlexNets,
+fastinst/core/alexnet.py) plus a projection head.
 
-The trunk is a stock torchvision ResNet (never pretrained weights, nothing is
+The ResNet trunk is a stock torchvision ResNet (never pretrained weights, nothing is
 downloaded) with its ``fc`` removed, so the trained trunk exports straight back into
 ``torchvision.models.resnetXX()`` for linear probing and transfer. The head maps pooled
 features to the instance embedding:
@@ -29,6 +30,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from .alexnet import AlexNetTrunk, alexnet_trunk
+
 __all__ = [
     "ARCHS",
     "EmbeddingNet",
@@ -45,7 +48,11 @@ ARCHS = {
     "resnet101": torchvision.models.resnet101,
     "resnet152": torchvision.models.resnet152,
 }
+ALEXNETS = ("alexnet", "alexnet_half")  # ISL's (imagenet / small stem) and CMC's half-width one
 STEMS = ("imagenet", "small")
+# Per-stage probe pooling of ResNet maps (MMSelfSup's multi-head benchmark: ~9k inputs per head for a
+# 224 px ResNet-50); AlexNet's are CMC's (fastinst/core/alexnet.py).
+RESNET_STAGE_POOL = {1: (12, "avg"), 2: (6, "avg"), 3: (4, "avg"), 4: (3, "avg"), 5: (2, "avg")}
 HEADS = ("linear", "mlp", "mlp_nobn")
 AMP_MODES = ("off", "bf16", "fp16")
 
@@ -89,10 +96,16 @@ def _build_trunk(arch: str, stem: str, zero_init_residual: bool = False,
     width: stage widths int(64 * width) * {1, 2, 4, 8}; 1 is the stock torchvision trunk (the
     stem keeps 64 channels, as CMC's resnet50v1/v2/v3).
     in_channels: input channels of conv1 (CMC: 1 for L / Y, 2 for ab / CbCr)."""
-    if arch not in ARCHS:
-        raise ValueError(f"model.arch={arch!r} is not supported; choose one of {sorted(ARCHS)}")
+    if arch not in ARCHS and arch not in ALEXNETS:
+        raise ValueError(f"model.arch={arch!r} is not supported; choose one of {sorted(ARCHS) + list(ALEXNETS)}")
     if stem not in STEMS:
         raise ValueError(f"model.stem={stem!r} is not supported; choose one of {list(STEMS)}")
+    if arch in ALEXNETS:
+        if width != 1.0 or zero_init_residual:
+            raise ValueError(f"model.arch={arch}: the seeds' AlexNets have fixed widths and no residual blocks; "
+                             "use model.width=1 and model.zero_init_residual=false")
+        trunk = alexnet_trunk(arch, stem, in_channels)
+        return trunk, trunk.feature_dim
     if not (width > 0 and int(64 * width) >= 1):
         raise ValueError(f"model.width={width!r} must be > 0 with int(64 * width) >= 1")
     trunk = ARCHS[arch](weights=None, zero_init_residual=zero_init_residual)
@@ -184,6 +197,8 @@ class EmbeddingNet(nn.Module):
     def stage_channels(self) -> Dict[int, int]:
         """Channels of each stage's maps (`stage_maps`)."""
         b = self.backbone
+        if isinstance(b, AlexNetTrunk):
+            return b.stage_channels()
         out = {1: b.conv1.out_channels}
         for k in range(2, 6):
             layer = getattr(b, f"layer{k - 1}")
@@ -191,10 +206,17 @@ class EmbeddingNet(nn.Module):
             out[k] = (last.conv3 if hasattr(last, "conv3") else last.conv2).out_channels
         return out
 
+    def stage_pool(self) -> Dict[int, Tuple[int, str]]:
+        """{stage: (side, "avg" | "max")}: how a per-stage probe pools each stage's maps."""
+        return self.backbone.stage_pool() if isinstance(self.backbone, AlexNetTrunk) else dict(RESNET_STAGE_POOL)
+
     def stage_maps(self, x: Tensor, stages) -> Dict[int, Tensor]:
-        """Feature maps of ResNet stages: 1 = the stem after its ReLU (before max-pooling, as
-        MMSelfSup's Feature1), 2..5 = the outputs of layer1..layer4; {stage: [B, C, H, W]}."""
+        """Feature maps of the trunk's stages, {stage: [B, C, H, W]}. ResNet: 1 = the stem after
+        its ReLU (before max-pooling, as MMSelfSup's Feature1), 2..5 = the outputs of
+        layer1..layer4; AlexNet: its five conv blocks."""
         b, out = self.backbone, {}
+        if isinstance(b, AlexNetTrunk):
+            return b.stage_maps(self._prepare(x), stages)
         x = b.relu(b.bn1(b.conv1(self._prepare(x))))
         if 1 in stages:
             out[1] = x
@@ -224,7 +246,9 @@ class EmbeddingNet(nn.Module):
         ``stem="small"`` ``conv1.weight`` is 3x3, so the receiving torchvision model needs
         the same stem surgery (see ``_build_trunk``) before loading, and a ``width`` other
         than 1 needs a trunk of the same stage widths (the keys are the same). SyncBatchNorm layers
-        export the same keys as BatchNorm2d. Tensors are detached CPU copies.
+        export the same keys as BatchNorm2d. An AlexNet trunk exports its own keys (``block1..5``,
+        ``fc6``, ``fc7``: torchvision's AlexNet has no BatchNorm), for
+        ``fastinst.core.alexnet.AlexNetTrunk``. Tensors are detached CPU copies.
         """
         return OrderedDict(
             (k, v.detach().to("cpu", copy=True).contiguous())

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config import Config, ConfigError
-from ..core.model import EmbeddingNet
+from ..core.model import ALEXNETS, EmbeddingNet
 from ..train.checkpoint import CheckpointError, _atomic_write, find_latest_complete, load_checkpoint, saved_world_size
 
 __all__ = ["resolve_pretrained", "load_pretrained", "load_trunks", "trunk_spec", "load_trunk", "export_backbone",
@@ -98,6 +98,9 @@ class FrozenTrunks(nn.Module):
 
     def stage_channels(self) -> Dict[int, int]:
         return {s: sum(n.stage_channels()[s] for n in self.nets) for s in range(1, 6)}
+
+    def stage_pool(self) -> Dict[int, Tuple[int, str]]:
+        return self.nets[0].stage_pool()  # the trunks are of one architecture
 
 
 def trunk_spec(cfg: Optional[Config], saved: Optional[dict], path: str) -> Dict[str, Any]:
@@ -183,6 +186,10 @@ def export_backbone(checkpoint: str, out_file: str, cfg: Optional[Config] = None
         raise ValueError(f"export format {fmt!r}: choose one of {list(FORMATS)}")
     trunks, saved, step, path = load_trunks(checkpoint)
     spec = trunk_spec(cfg, saved, path)
+    if spec["arch"] in ALEXNETS and fmt != "torchvision":
+        raise ConfigError(f"export --format {fmt}: {fmt} has no AlexNet with BatchNorm; a {spec['arch']} trunk "
+                          "exports with --format torchvision (fastinst's AlexNet keys, for "
+                          "fastinst.core.alexnet.AlexNetTrunk)")
     files = []
     for name, state, channels in trunks:
         c = 3 if channels is None else channels[1] - channels[0]

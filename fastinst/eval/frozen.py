@@ -51,14 +51,12 @@ def build_frozen_backbone(cfg: Config, checkpoint: str, env: DistEnv) -> Tuple[n
     return model, path, step
 
 
-STAGE_POOL = {1: 12, 2: 6, 3: 4, 4: 3, 5: 2}  # MMSelfSup mhead: ~9k inputs per head for a 224 px ResNet-50
-
-
 @torch.no_grad()
 def frozen_features(backbone: nn.Module, x: torch.Tensor, names, amp: str) -> Dict[str, torch.Tensor]:
     """The frozen trunk's features named ``names``, fp32 (AMP inside the trunk only):
     ``avgpool`` [B, feature_dim] (the global pool), ``feat<k>`` [B, C_k, s_k, s_k] (stage k's
-    map, adaptive-average-pooled to STAGE_POOL[k]). The linear probe's heads and the SVMs read them."""
+    map, adaptive-pooled as the trunk's ``stage_pool`` says: ResNet averages to MMSelfSup's sizes,
+    AlexNet max-pools to CMC's). The linear probe's heads and the SVMs read them."""
     if amp == "off" and x.dtype != torch.float32:
         x = x.float()  # loader.fp16 views without autocast
     stages = [int(n[len("feat"):]) for n in names if n != "avgpool"]
@@ -67,6 +65,9 @@ def frozen_features(backbone: nn.Module, x: torch.Tensor, names, amp: str) -> Di
         if "avgpool" in names:
             out["avgpool"] = backbone.backbone_features(x).float()
         if stages:
+            pools = backbone.stage_pool()
             for s, m in backbone.stage_maps(x, stages).items():
-                out[f"feat{s}"] = F.adaptive_avg_pool2d(m.float(), STAGE_POOL[s])
+                side, kind = pools[s]
+                pool = F.adaptive_max_pool2d if kind == "max" else F.adaptive_avg_pool2d
+                out[f"feat{s}"] = pool(m.float(), side)
     return out

@@ -43,7 +43,7 @@ from ..train.checkpoint import load_checkpoint, save_checkpoint
 from ..train.metrics import Meter, MetricsLog
 from ..train.optim import scaled_lr, sgd
 from ..train.schedule import Clock, LRSchedule
-from .frozen import STAGE_POOL, build_frozen_backbone, frozen_features
+from .frozen import build_frozen_backbone, frozen_features
 
 __all__ = ["linear_probe", "LinearProbe"]
 
@@ -83,8 +83,8 @@ def probe_schedule(cfg: Config, steps_per_epoch: int, lr0: float) -> LRSchedule:
 
 class ProbeHeads(nn.Module):
     """The probe's linear heads, each on its own features: ``avgpool`` (the globally pooled
-    trunk features, one nn.Linear) or ``feat<k>`` (stage k's map average-pooled to
-    STAGE_POOL[k] px, BatchNorm without affine, flattened, nn.Linear: MMSelfSup's multi-head
+    trunk features, one nn.Linear) or ``feat<k>`` (stage k's map pooled as the trunk's
+    ``stage_pool`` says, BatchNorm without affine, flattened, nn.Linear: MMSelfSup's multi-head
     benchmark). Linear weights N(0, 0.01), zero bias (MoCo's main_lincls / MMSelfSup)."""
 
     def __init__(self, inputs: Dict[str, Tuple[int, int]], num_classes: int):
@@ -105,8 +105,8 @@ def head_inputs(cfg: Config, backbone: nn.Module) -> Dict[str, Tuple[int, int]]:
     """{head name: (channels, pooled size)} for ``linear.stages`` (empty: the global pool)."""
     if not cfg.linear.stages:
         return {"avgpool": (backbone.feature_dim, 1)}
-    channels = backbone.stage_channels()
-    return {f"feat{s}": (channels[s], STAGE_POOL[s]) for s in sorted(cfg.linear.stages)}
+    channels, pools = backbone.stage_channels(), backbone.stage_pool()
+    return {f"feat{s}": (channels[s], pools[s][0]) for s in sorted(cfg.linear.stages)}
 
 
 @dataclass
