@@ -16,7 +16,8 @@ the rank, the world size or a resume: on the CPU it is bit-identical across all 
 the GPU the parameters are the same; pixels not compared: the hardware JPEG decoder takes a
 share of each batch and need not match the CUDA decoder bit for bit).
 
-This module and loaders/dali_graph.py are the only ones that import ``nvidia.dali``.
+This module, loaders/dali_graph.py and loaders/dali_randaugment.py are the only ones that import
+``nvidia.dali``.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from .base import LoaderBase, default_threads
 from .dali_graph import decode, eval_view, mixed_train_view, train_view
 from .mixture import MixPlans, MixRows, partners, prune
 from .sources import DataError, Source, log
+from .randaugment import RandAugmentParams
 from .view_params import ViewParams, image_size, view_params
 
 try:  # DALI is optional at import time so the torch backend works without it
@@ -64,12 +66,13 @@ class BatchFeed:
     """
 
     def __init__(self, source: Source, sampler, batch_size: int, drop_last: bool, on_error: str,
-                 start_epoch: int, start_batch: int, blocklist=(), view_params=None, mix_plans=None):
+                 start_epoch: int, start_batch: int, blocklist=(), view_params=None, mix_plans=None,
+                 randaugment=None):
         self.source, self.sampler, self.view_params = source, sampler, view_params
         self.batch_size, self.drop_last, self.on_error = batch_size, drop_last, on_error
         self.start_epoch, self.start_batch = start_epoch, start_batch
         self.blocklist = frozenset(int(i) for i in blocklist)
-        self.mix_plans = mix_plans
+        self.mix_plans, self.randaugment = mix_plans, randaugment
         self.mix_rows = MixRows(mix_plans.mix) if mix_plans is not None else None
         self._plan_epoch, self._plan = None, None
 
@@ -105,13 +108,20 @@ class BatchFeed:
         if not bufs:
             raise DataError(f"every sample of batch {b} (epoch {epoch}) was bad; first: "
                             f"{self.source.describe(int(plan[b][0]))}")
+        owners = [int(i) for i in idx]  # the data-set index each sample's views are cut from
+        out = [bufs, idx, lab] + ([rows] if self.view_params is not None else [])
         if self.mix_plans is not None:
-            return self._with_partners(epoch, bufs, idx, lab, rows)
-        return (bufs, idx, lab, rows) if self.view_params is not None else (bufs, idx, lab)
+            mix, partner_indices = self._with_partners(epoch, bufs, idx, lab, rows)
+            out.append(mix)
+            owners += partner_indices
+        if self.randaugment is not None:  # per sample (views, n, WIDTH), a partner's from its own index
+            out.append([self.randaugment.all_views(epoch, i) for i in owners])
+        return tuple(out)
 
     def _with_partners(self, epoch: int, bufs: list, idx: list, lab: list, rows: list):
-        """The anchors followed by their mixture partners, each partner's view cut by the view
-        function of the view it is mixed into (its parameter row copied to every view)."""
+        """Appends the anchors' mixture partners to ``bufs`` / ``idx`` / ``lab`` / ``rows`` (each
+        partner's view cut by the view function of the view it is mixed into, its parameter row
+        copied to every view); returns (the mixing rows, the partners' data-set indices)."""
         read = {}  # id(partner) -> (bytes, (height, width)) of the partners that read
 
         def readable(p) -> bool:
@@ -136,7 +146,7 @@ class BatchFeed:
             idx.append(np.array(-1, dtype=np.int64))
             lab.append(np.array(-1, dtype=np.int64))
             rows.append(np.stack([row] * len(views)))
-        return bufs, idx, lab, rows, list(mix)
+        return list(mix), [p.index for p, _ in found]
 
 
 # --------------------------------------------------------------------------- loader
@@ -181,10 +191,12 @@ class DaliLoader(LoaderBase):
     def _build(self):
         train = self.mode == "train"
         mixing = train and self.aug.mix.kind != "none"
+        augmenting = train and self.aug.randaugment.n > 0
         feed = BatchFeed(self.source, self.sampler, self.batch_size, self.drop_last, self.on_error,
                          self.epoch, self.next_batch, blocklist=self.skipped.keys(),
                          view_params=ViewParams(self.aug, self.seed) if train else None,
-                         mix_plans=MixPlans(self.aug, self.seed, len(self.source)) if mixing else None)
+                         mix_plans=MixPlans(self.aug, self.seed, len(self.source)) if mixing else None,
+                         randaugment=RandAugmentParams(self.aug, self.seed) if augmenting else None)
         aug, mode = self.aug, self.mode
         decode_device = "mixed" if self.device == "gpu" else "cpu"
         out_dtype = types.FLOAT16 if self.fp16 else types.FLOAT
@@ -193,21 +205,26 @@ class DaliLoader(LoaderBase):
 
         @pipeline_def(enable_conditionals=True)
         def pipe_fn():
-            dtypes = [types.UINT8, types.INT64, types.INT64] + [types.FLOAT] * (train + mixing)
+            dtypes = [types.UINT8, types.INT64, types.INT64] + [types.FLOAT] * (train + mixing + augmenting)
             jpegs, index, label, *params = fn.external_source(source=feed, num_outputs=len(dtypes), batch=True,
                                                               batch_info=True, parallel=True, dtype=dtypes)
             images = decode(jpegs, decode_device, hw_load)
             if mode == "train":  # view v reads row v of the sample's (views, N_PARAMS) parameters
                 hw = fn.cast(fn.peek_image_shape(jpegs)[0:2], dtype=types.FLOAT)  # header parse, on the CPU
+                on_gpu = decode_device == "mixed"  # factors multiply views on their device
+                ra = params[1 + mixing] if augmenting else None
+                ra_dev = ra.gpu() if augmenting and on_gpu else None
+                ra_v = [dict(ra_rows=None if ra is None else ra[v], ra_dev=None if ra_dev is None else ra_dev[v])
+                        for v in range(self.num_views)]
                 if mixing:  # the partners follow the anchors in the batch: gathered by position
-                    mix, dev = params[1], params[1].gpu() if decode_device == "mixed" else None
+                    mix, dev = params[1], params[1].gpu() if on_gpu else None
                     views = [mixed_train_view(images, hw, params[0][v], mix[v], crop, aug, feed.mix_rows,
-                                              layout=layout, m_dev=None if dev is None else dev[v])
+                                              layout=layout, m_dev=None if dev is None else dev[v], **ra_v[v])
                              for v, crop in enumerate(feed.view_params.crops)]  # mixed in float32, then stored
                     views = [fn.cast(x, dtype=out_dtype) for x in views] if self.fp16 else views
                 else:
-                    views = [train_view(images, hw, params[0][v], crop, aug, out_dtype=out_dtype, layout=layout)
-                             for v, crop in enumerate(feed.view_params.crops)]
+                    views = [train_view(images, hw, params[0][v], crop, aug, out_dtype=out_dtype, layout=layout,
+                                        **ra_v[v]) for v, crop in enumerate(feed.view_params.crops)]
             elif mode == "decode":  # profiling: the decode stage alone (outputs stay in DALI)
                 views = [images]
             else:

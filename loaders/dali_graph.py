@@ -11,7 +11,9 @@ blur / solarize gates, the mirror flag).
 from __future__ import annotations
 
 from .colour import D65, SRGB_TO_XYZ, normalisation
-from .view_params import BLUR_ON, BRIGHTNESS, CONTRAST, FLIP, HUE, ROI_END, ROI_START, SATURATION, SIGMA, SOLARIZE_ON
+from .dali_randaugment import rand_augment
+from .view_params import (BLUR_ON, BRIGHTNESS, CONTRAST, FLIP, GREY_ON, HUE, ROI_END, ROI_START, SATURATION, SIGMA,
+                          SOLARIZE_ON)
 
 try:  # DALI is optional at import time so the torch backend works without it
     import nvidia.dali.fn as fn
@@ -52,10 +54,11 @@ def color_twist(img, params, aug):
                           saturation=_param(params, SATURATION), hue=_param(params, HUE))
 
 
-def train_view(images, hw, params, crop, aug, *, out_dtype, layout: str):
+def train_view(images, hw, params, crop, aug, *, out_dtype, layout: str, ra_rows=None, ra_dev=None):
     """One training view from its parameter row ``params`` (see loaders/view_params.py):
-    resized crop, jitter/grey, blur, solarize, flip, normalise. ``hw``: DALI's own (height,
-    width) of the decoded images, float."""
+    resized crop, jitter/grey, blur, solarize, flip, normalise; with RandAugment (``ra_rows``,
+    the view's (n, WIDTH) rows, loaders/randaugment.py) its ops after solarize and grey after
+    them (PIC's order). ``hw``: DALI's own (height, width) of the decoded images, float."""
     # The RandomResizedCrop window as an absolute (y, x) ROI of the decoded image. The window
     # was computed on the callback's header size, which equals ``hw`` (tests/test_dali_views.py);
     # clamping to ``hw`` is a no-op then, and a safety net otherwise (DALI's CPU resize crashes
@@ -72,6 +75,11 @@ def train_view(images, hw, params, crop, aug, *, out_dtype, layout: str):
             # invert pixels >= 128 (BYOL / SimCLR-style solarisation): x + m*(255 - 2x)
             x = fn.cast(v, dtype=types.INT16)
             v = fn.cast(x + (x >= 128) * (255 - 2 * x), dtype=types.UINT8)
+    if ra_rows is not None:
+        v = rand_augment(v, ra_rows, aug.randaugment, crop.size, ra_dev)
+        if aug.grey_p > 0:
+            if _param(params, GREY_ON, types.BOOL):
+                v = fn.color_twist(v, saturation=0.0)
     return _normalise(v, aug, out_dtype=out_dtype, layout=layout,
                       mirror=_param(params, FLIP, types.INT32) if aug.flip_p > 0 else 0)
 
@@ -112,13 +120,14 @@ def _normalise(v, aug, *, out_dtype, layout, mirror, crop=None):
                                     output_layout=layout, mean=list(mean), std=list(std), **kw)
 
 
-def mixed_train_view(images, hw, params, m, crop, aug, rows, *, layout: str, m_dev=None):
+def mixed_train_view(images, hw, params, m, crop, aug, rows, *, layout: str, m_dev=None, ra_rows=None, ra_dev=None):
     """A training view over a mixture's extended batch: cut only where the sample needs it (an
     anchor, or a partner mixed into this view; the others get a 1 x 1 stand-in, never read),
     mixed (`mix_view`), then each position keeps its row's ``keep`` sample: the anchors their
     own views, the partners (dropped by the loader) the first anchor's, so the batch is uniform."""
     if fn.cast(m[rows.needs], dtype=types.BOOL):
-        x = train_view(images, hw, params, crop, aug, out_dtype=types.FLOAT, layout=layout)
+        x = train_view(images, hw, params, crop, aug, out_dtype=types.FLOAT, layout=layout, ra_rows=ra_rows,
+                       ra_dev=ra_dev)
     else:
         x = fn.crop_mirror_normalize(images, crop=(1, 1), dtype=types.FLOAT, output_layout=layout)
     x = mix_view(x, m, aug.mix, rows, layout, m_dev)

@@ -21,10 +21,13 @@ from fastinst.core.runtime import derive_seed
 from .base import LoaderBase, default_threads
 from .colour import convert, normalisation
 from .mixture import MixPlans, apply_plan, partners, prune
+from .randaugment import RandAugmentParams, apply_pil
 from .sources import DataError, PIL_decode_check, Source
 
 
 def view_transform(crop, aug):
+    """The view's torchvision transform; with RandAugment (aug.randaugment.n > 0) a (before,
+    after) pair around it: grey moves after RandAugment (PIC's order)."""
     import torchvision.transforms as T
 
     ops = [T.RandomResizedCrop(crop.size, scale=tuple(crop.scale), ratio=tuple(crop.ratio)),
@@ -32,15 +35,16 @@ def view_transform(crop, aug):
     b, c, s, h = aug.jitter
     if aug.jitter_p > 0 and max(b, c, s, h) > 0:
         ops.append(T.RandomApply([T.ColorJitter(b, c, s, h)], p=aug.jitter_p))
-    if aug.grey_p > 0:
-        ops.append(T.RandomGrayscale(p=aug.grey_p))
+    grey = [T.RandomGrayscale(p=aug.grey_p)] if aug.grey_p > 0 else []
+    randaugment = aug.randaugment.n > 0
+    ops += [] if randaugment else grey
     if aug.blur_p > 0:
         # SimCLR: kernel 10% of the crop side (odd)
         k = max(3, int(0.1 * crop.size) // 2 * 2 + 1)
         ops.append(T.RandomApply([T.GaussianBlur(k, sigma=tuple(aug.blur_sigma))], p=aug.blur_p))
     if aug.solarize_p > 0:
         ops.append(T.RandomSolarize(128, p=aug.solarize_p))
-    return T.Compose(ops)
+    return (T.Compose(ops), T.Compose(grey)) if randaugment else T.Compose(ops)
 
 
 def eval_transform(aug):
@@ -68,6 +72,7 @@ class MultiViewDataset(tud.Dataset):
         self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
         self.colorspace = aug.colorspace
         self.plans = MixPlans(aug, seed, len(source)) if mode == "train" and aug.mix.kind != "none" else None
+        self.randaugment = RandAugmentParams(aug, seed) if mode == "train" and aug.randaugment.n > 0 else None
         self.epoch = 0
 
     def __len__(self):
@@ -94,11 +99,21 @@ class MultiViewDataset(tud.Dataset):
         # torchvision's transforms draw from torch's global RNG: seed it per (seed, epoch, index)
         torch.manual_seed(derive_seed(self.seed, "view", epoch, i))
         mixed = self.plans is not None  # mixed in float32, then stored as fp16 (as DALI does)
-        views = [self._to_tensor(t(img), self.fp16 and not mixed) for t in self.transforms]
+        views = [self._to_tensor(self._cut(img, epoch, i, v), self.fp16 and not mixed)
+                 for v in range(len(self.transforms))]
         if mixed:
             views = [self._mixed(epoch, i, v, x) for v, x in enumerate(views)]
             views = [x.half() for x in views] if self.fp16 else views
         return views, i, int(self.source.labels[i])
+
+    def _cut(self, img, epoch: int, i: int, v: int):
+        """View ``v`` of image ``img`` (sample ``i``): its transform, with RandAugment's ops of
+        (epoch, i, v) between the two halves where they are on (loaders/randaugment.py)."""
+        t = self.transforms[v]
+        if self.randaugment is None:
+            return t(img)
+        before, after = t
+        return after(apply_pil(before(img), self.randaugment.rows(epoch, i, v), self.aug.randaugment.fill))
 
     def _mixed(self, epoch: int, i: int, v: int, x: torch.Tensor) -> torch.Tensor:
         """View ``v`` of sample ``i`` through its mixture plan (loaders/mixture.py): each partner
@@ -113,7 +128,7 @@ class MultiViewDataset(tud.Dataset):
                     raise DataError(f"{e} (a mixture partner of {self.source.describe(i)})") from None
                 continue  # that pass does not mix
             torch.manual_seed(derive_seed(self.seed, "mix-view", epoch, i, v, k))
-            cut[id(p)] = self._to_tensor(self.transforms[v](img), False)
+            cut[id(p)] = self._to_tensor(self._cut(img, epoch, p.index, v), False)
         ops = prune(ops, lambda p: id(p) not in cut)
         return apply_plan(x, ops, lambda p: cut[id(p)])
 

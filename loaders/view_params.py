@@ -43,8 +43,8 @@ N_UNIFORM = 32
 BLOCKS = N_UNIFORM // 4  # Philox blocks per view
 # layout of a view's parameter row (float32)
 ROI_START, ROI_END = slice(0, 2), slice(2, 4)  # (y, x) in decoded-image pixels, DALI's shape order
-FLIP, BRIGHTNESS, CONTRAST, SATURATION, HUE, BLUR_ON, SIGMA, SOLARIZE_ON = range(4, 12)
-N_PARAMS = 12
+FLIP, BRIGHTNESS, CONTRAST, SATURATION, HUE, BLUR_ON, SIGMA, SOLARIZE_ON, GREY_ON = range(4, 13)
+N_PARAMS = 13
 EXIF_ORIENTATION = 0x0112
 
 
@@ -89,7 +89,8 @@ def _factor(u: float, strength: float) -> float:
 
 def view_params(u: np.ndarray, height: int, width: int, crop, aug) -> np.ndarray:  # (N_PARAMS,) float32
     """One view's parameter row from its uniforms. Gates are folded in: a colour jitter that is
-    off leaves factors 1 (hue 0), grey sets saturation 0, blur / solarize are 0/1 flags."""
+    off leaves factors 1 (hue 0), grey sets saturation 0, blur / solarize are 0/1 flags. With
+    RandAugment (aug.randaugment.n > 0) grey comes after it (PIC's order): a 0/1 flag of its own."""
     u = u.tolist()  # Python floats: faster than numpy scalars here
     top, left, h, w = crop_window(u, height, width, crop.scale, crop.ratio)
     p = [0.0] * N_PARAMS
@@ -103,7 +104,10 @@ def view_params(u: np.ndarray, height: int, width: int, crop, aug) -> np.ndarray
     p[SATURATION] = _factor(f[2], s) if on and s > 0 else 1.0
     p[HUE] = (2.0 * f[3] - 1.0) * hue * 360.0 if on and hue > 0 else 0.0  # DALI's hue is in degrees
     if u[U_GREY] < aug.grey_p:
-        p[SATURATION] = 0.0
+        if aug.randaugment.n > 0:
+            p[GREY_ON] = 1.0
+        else:
+            p[SATURATION] = 0.0
     p[BLUR_ON] = float(u[U_BLUR] < aug.blur_p)
     lo, hi = aug.blur_sigma
     p[SIGMA] = lo + (hi - lo) * u[U_SIGMA]

@@ -102,6 +102,18 @@ RECIPES = {
         "aug.colorspace": "ycbcr", "data.classes": "configs/imagenet100.txt", "method.cmc.K": 4096,
         "method.cmc.T": 0.07, "method.cmc.loss": "softmax", "train.epochs": 240, "train.lr": 0.03,
         "train.milestones": (120, 160, 200), "linear.lr": 30.0, "linear.milestones": (30, 40, 50)},
+    # ... with the image mixture's IM defaults (szq0214/CMC_with_Image_Mixture train_CMC.py --IM).
+    "cmc_imagenet100_r50v1_ycbcr_im.yaml": {
+        **_IMAGENET_EVAL, "method.name": "cmc", "model.arch": "resnet50", "model.width": 0.5,
+        "aug.colorspace": "ycbcr", "method.cmc.K": 4096, "aug.mix.kind": "im", "aug.mix.g_alpha": 1.0,
+        "aug.mix.g_num": 2, "aug.mix.g_prob": 0.1, "aug.mix.r_beta": 1.0, "aug.mix.r_prob": 0.1, "aug.mix.r_num": 2,
+        "aug.mix.r_pixel_decay": 1.0, "train.epochs": 240},
+    # CMC's split AlexNet (HobbitLong/CMC train_CMC.py defaults; LinearProbing.py --layer 5).
+    "cmc_imagenet_alexnet_lab.yaml": {
+        **_IMAGENET_EVAL, "method.name": "cmc", "model.arch": "alexnet_half", "aug.colorspace": "lab",
+        "aug.crops": [(1, 224, (0.2, 1.0))], "method.cmc.K": 16384, "method.cmc.T": 0.07, "method.cmc.momentum": 0.5,
+        "train.epochs": 240, "train.lr": 0.03, "train.milestones": (120, 160, 200), "linear.stages": (5,),
+        "linear.lr": 0.1, "linear.milestones": (30, 40, 50), "linear.gamma": 0.2},
     # The CMC demo on real colour photographs (README 'Methods' table).
     "cmc_photos.yaml": {"method.name": "cmc", "aug.colorspace": "lab", "model.arch": "resnet18", "model.width": 0.25,
                         "aug.crops": [(1, 64, (0.08, 1.0))], "data.path": "data/photos", "method.cmc.K": 0,
@@ -117,6 +129,10 @@ RECIPES = {
         "train.lr": 0.03, "train.lr_batch": 256, "loader.batch_size": 256, "train.weight_decay": 1e-4,
         "eval.features": "recompute"},
     # ISL small sets (small_main.py): 4 rounds x 200 epochs, T 0.1, tau 0.5, R 0.6, batch 128, wd 5e-4, no flip.
+    "isl_cifar_alexnet.yaml": {
+        "method.name": "isl", "model.arch": "alexnet", "model.stem": "small", "aug.crops": [(1, 32, (0.2, 1.0))],
+        "method.isl.T": 0.1, "method.isl.rounds": 4, "train.epochs": 200, "train.lr": 0.03, "train.lr_batch": 128,
+        "train.weight_decay": 5e-4},
     "isl_cifar_r18.yaml": {
         "method.name": "isl", "model.arch": "resnet18", "model.stem": "small", "aug.crops": [(1, 32, (0.2, 1.0))],
         "aug.flip_p": 0.0, "aug.jitter": (0.4,) * 4, "aug.grey_p": 0.2, "method.isl.T": 0.1, "method.isl.rounds": 4,

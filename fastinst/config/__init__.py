@@ -3,8 +3,8 @@ dataclasses (`Config`), and back.
 
 - ``errors``: `ConfigError` and `check`, what every section and every layer raises with;
 - ``files``: the YAML / overrides layer, generic over the root dataclass;
-- ``sections``, ``eval_sections``: the sections of the data path, model, training run,
-  evaluation protocols and process group;
+- ``sections``, ``aug_sections``, ``eval_sections``: the sections of the data path, the views,
+  the model, the training run, the evaluation protocols and the process group;
 - ``tree``: `Config`, `load_config`, `for_world`; the ``method`` section comes from the method
   registry, which hands it over on import (`use_method_registry`).
 
@@ -14,6 +14,6 @@ builders and the evaluation protocols all import this package, never the reverse
 from .errors import ConfigError, check  # noqa: F401
 from .eval_sections import DistConfig, EvalConfig, LinearConfig, SVMConfig  # noqa: F401
 from .files import apply_overrides, load_yaml, parse_override, save_config, to_dict  # noqa: F401
-from .sections import (AugConfig, CropConfig, DataConfig, LoaderConfig, MixConfig, ModelConfig,  # noqa: F401
-                       ProfileConfig, SamplerConfig, TrainConfig)
+from .aug_sections import AugConfig, CropConfig, MixConfig, RandAugmentConfig  # noqa: F401
+from .sections import DataConfig, LoaderConfig, ModelConfig, ProfileConfig, SamplerConfig, TrainConfig  # noqa: F401
 from .tree import Config, config_from_dict, for_world, load_config, use_method_registry  # noqa: F401

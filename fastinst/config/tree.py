@@ -1,6 +1,6 @@
 """The configuration of a run: `Config`, a tree of typed, frozen, keyword-only dataclasses,
-one per component (fastinst/config/sections.py, eval_sections.py), each checking its own
-values in ``__post_init__`` and saying how to fix a bad one.
+one per component (fastinst/config/sections.py, aug_sections.py, eval_sections.py), each
+checking its own values in ``__post_init__`` and saying how to fix a bad one.
 
 ``load_config(path, overrides)`` reads YAML, applies ``key.sub=value`` overrides and builds
 this tree (fastinst/config/files.py); unknown keys, wrong types and impossible combinations
@@ -19,10 +19,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from .aug_sections import AugConfig
 from .errors import ConfigError, check
 from .eval_sections import DistConfig, EvalConfig, LinearConfig, SVMConfig
 from .files import build, load_yaml
-from .sections import AugConfig, DataConfig, LoaderConfig, ModelConfig, ProfileConfig, SamplerConfig, TrainConfig
+from .sections import DataConfig, LoaderConfig, ModelConfig, ProfileConfig, SamplerConfig, TrainConfig
 
 
 @dataclass(frozen=True)
