@@ -184,11 +184,15 @@ def photos(tmp_path_factory):
     return make_photo_zip(str(tmp_path_factory.mktemp("photos")), n=32)
 
 
-def test_views_bit_identical_across_world_sizes_and_resume(photos):
+@pytest.mark.parametrize("extra", [(), ("aug.mix.kind=im", "aug.mix.g_prob=0.4", "aug.mix.r_prob=0.4"),
+                                   ("aug.randaugment.n=2",), ("aug.mix.kind=erasing", "aug.mix.random_erasing_prob=0.5")],
+                         ids=["plain", "image-mixture", "randaugment", "erasing"])
+def test_views_bit_identical_across_world_sizes_and_resume(photos, extra):
     """Index i's views at world 1 (batch 4), at world 2 (ranks 0 and 1, batch 2: the same global
     batch, other batch positions) and after a mid-epoch resume are equal bit for bit; another
-    epoch gives other views."""
-    cfg = cfg_for(photos, MULTI_CROP, "aug.solarize_p=0.5", "loader.batch_size=4")
+    epoch gives other views. Also with the image mixture (its partners extend the batch) and
+    with RandAugment."""
+    cfg = cfg_for(photos, MULTI_CROP, "aug.solarize_p=0.5", "loader.batch_size=4", *extra)
     full = build_loader(cfg, "train")
     epoch0, epoch1 = views_by_index(full), views_by_index(full)
     full.close()
@@ -197,7 +201,7 @@ def test_views_bit_identical_across_world_sizes_and_resume(photos):
     assert sum(same) <= len(same) // 20, f"{sum(same)} of {len(same)} views equal in epochs 0 and 1"  # (flat areas)
     assert sum(torch.equal(epoch0[i][0], epoch0[i][1]) for i in epoch0) <= 2  # views differ (but a black photo)
     w2 = {}
-    cfg2 = cfg_for(photos, MULTI_CROP, "aug.solarize_p=0.5", "loader.batch_size=2")
+    cfg2 = cfg_for(photos, MULTI_CROP, "aug.solarize_p=0.5", "loader.batch_size=2", *extra)
     for r in range(2):
         ld = build_loader(cfg2, "train", env=DistEnv(r, 2, r, 2))
         w2.update(views_by_index(ld))

@@ -1,8 +1,8 @@
 """The image mixture (loaders/mixture.py): each kind against the seed's rules written out here in
 float64 numpy, on fixed pixels and scripted draws; the draws' distributions against the
 configured ones; the DALI graph (loaders/dali_graph.py) against the torch mixing on the same
-draws; and both loaders end to end (identity where nothing fires, Cutout boxes, bad partners,
-bit-identical views across world sizes and a resume)."""
+draws; and both loaders end to end (identity where nothing fires, Cutout boxes, bad partners).
+Mixed DALI views bit-identical across world sizes and a resume: tests/test_dali_views.py."""
 import math
 
 import numpy as np
@@ -12,7 +12,6 @@ from scipy import stats
 
 import fastinst.methods  # noqa: F401  (registers the methods' config sections, as launch.py does)
 from fastinst.config import ConfigError, load_config
-from fastinst.core.runtime import DistEnv
 from loaders import build_loader
 from loaders.mixture import Blend, Fill, MixPlans, MixRows, Paste, apply_plan, draw_plan, partners
 from loaders.sources import DataError
@@ -383,26 +382,6 @@ def prune_bad(ops):
     from loaders.mixture import prune
 
     return prune(ops, lambda p: p.index == 5)
-
-
-def test_mixed_dali_views_bit_identical_across_world_sizes_and_resume(photos):
-    pytest.importorskip("nvidia.dali")
-    over = ["aug.mix.kind=im", "aug.mix.g_prob=0.4", "aug.mix.r_prob=0.4"]
-    whole = views_by_index(build_loader(loader_cfg(photos, "dali", *over), "train"))
-    halves = {}
-    for r in range(2):
-        halves.update(views_by_index(build_loader(loader_cfg(photos, "dali", *over, "loader.batch_size=2"), "train",
-                                                  env=DistEnv(r, 2, r, 2))))
-    assert whole.keys() == halves.keys() and all(torch.equal(a, b) for i in whole for a, b in zip(whole[i], halves[i]))
-    first = build_loader(loader_cfg(photos, "dali", *over), "train")
-    it = iter(first)
-    next(it), next(it)
-    state = first.state_dict()
-    first.close()
-    resumed = build_loader(loader_cfg(photos, "dali", *over), "train")
-    resumed.load_state_dict(state)
-    rest = views_by_index(resumed)
-    assert len(rest) == 24 - 8 and all(torch.equal(a, b) for i in rest for a, b in zip(rest[i], whole[i]))
 
 
 def test_im_config_is_cmc_recipe_plus_the_seed_defaults():
