@@ -186,3 +186,72 @@ def test_one_process_nccl_group_trains(colours, tmp_path):
         losses = [r["loss"] for r in map(json.loads, f) if r["kind"] == "train"]
     assert len(losses) == 3 and all(x is not None for x in losses)
     assert os.path.isfile(os.path.join(out, "checkpoints", "ckpt_000000003", "COMPLETE"))
+
+
+def test_dali_gpu_mixture_and_randaugment_match_the_cpu_graph():
+    """The image mixture and RandAugment graph functions on GPU data (their factors moved to the
+    GPU, positions / boxes / matrices read on the CPU) against the same graph on the CPU, on the
+    same inputs and draws."""
+    pytest.importorskip("nvidia.dali")
+    import numpy as np
+    import nvidia.dali.fn as fn
+    from nvidia.dali import pipeline_def
+
+    from loaders.dali_graph import mix_view
+    from loaders.dali_randaugment import rand_augment
+    from loaders.mixture import MixPlans, MixRows
+    from loaders.randaugment import RandAugmentParams
+
+    aug = load_config(None, ["aug.crops=[{count: 1, size: 32}]", "aug.mix.kind=im", "aug.mix.g_prob=0.6",
+                             "aug.mix.r_prob=0.6", "aug.randaugment.n=3", "aug.randaugment.p=1"]).aug
+    b, n = 16, 24
+    ops = [[MixPlans(aug, 0, n).plan(0, i, 0)] for i in range(b)]
+    found, rows = MixRows(aug.mix).batch(ops)
+    rng = np.random.default_rng(0)
+    floats = [rng.normal(size=(32, 32, 3)).astype(np.float32) for _ in range(b + len(found))]
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(b)]
+    ra = [RandAugmentParams(aug, 0).rows(0, i, 0) for i in range(b)]
+    out = {}
+    for device in ("gpu", "cpu"):
+        @pipeline_def(batch_size=len(floats), num_threads=2, device_id=0 if device == "gpu" else None,
+                      enable_conditionals=True)
+        def mix_pipe():
+            x, m = fn.external_source(source=lambda: (floats, list(rows[:, 0])), num_outputs=2, batch=True,
+                                      layout=["HWC", None])
+            return mix_view(x.gpu(), m, aug.mix, MixRows(aug.mix), "HWC", m.gpu()) if device == "gpu" else \
+                mix_view(x, m, aug.mix, MixRows(aug.mix), "HWC")
+
+        @pipeline_def(batch_size=b, num_threads=2, device_id=0 if device == "gpu" else None, enable_conditionals=True)
+        def ra_pipe():
+            x, r = fn.external_source(source=lambda: (images, ra), num_outputs=2, batch=True, layout=["HWC", None])
+            return rand_augment(x.gpu(), r, aug.randaugment, 32, r.gpu()) if device == "gpu" else \
+                rand_augment(x, r, aug.randaugment, 32)
+
+        res = []
+        for make in (mix_pipe, ra_pipe):
+            p = make()
+            p.build()
+            tl = p.run()[0]
+            tl = tl.as_cpu() if device == "gpu" else tl
+            res.append([np.array(tl[i]) for i in range(len(tl))])
+        out[device] = res
+    for g, c in zip(out["gpu"][0][:b], out["cpu"][0][:b]):
+        np.testing.assert_allclose(g, c, rtol=0, atol=1e-5)
+    diffs = [np.abs(g.astype(np.int32) - c.astype(np.int32)) for g, c in zip(*(out[d][1] for d in ("gpu", "cpu")))]
+    assert max(float(d.mean()) for d in diffs) <= 0.5 and max(int(np.quantile(d, 0.99)) for d in diffs) <= 2
+
+
+def test_dali_gpu_loader_with_mixture_and_randaugment(photos):
+    pytest.importorskip("nvidia.dali")
+    from loaders import build_loader
+
+    cfg = load_config(None, [f"data.path={photos}", "loader.backend=dali", "loader.device=gpu", "loader.batch_size=8",
+                             "aug.crops=[{count: 2, size: 64}]", "aug.mix.kind=im", "aug.mix.g_prob=0.5",
+                             "aug.mix.r_prob=0.5", "aug.randaugment.n=2", "loader.fp16=true"])
+    loader = build_loader(cfg, "train")
+    batches = list(loader)
+    loader.close()
+    assert len(batches) == 4 and sorted(torch.cat([b["index"] for b in batches]).tolist()) == list(range(32))
+    for b in batches:
+        assert all(v.is_cuda and v.dtype == torch.float16 and v.shape == (8, 3, 64, 64) for v in b["views"])
+        assert all(bool(torch.isfinite(v).all()) for v in b["views"])

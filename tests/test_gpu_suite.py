@@ -9,7 +9,7 @@ import sys
 import tarfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ["gpu_tests", "loader", "step_time", "end_to_end", "compile", "fmnist"]
+PARTS = ["gpu_tests", "loader", "loader_aug", "step_time", "end_to_end", "compile", "fmnist"]
 
 
 def test_run_sh_smoke_writes_every_part_and_the_bundle(tmp_path):
@@ -41,3 +41,9 @@ def test_run_sh_smoke_writes_every_part_and_the_bundle(tmp_path):
     with open(out / "loader.json") as f:
         loader = json.load(f)
     assert loader["SimCLR 2x224: doctor"]["recommendation"] and loader["PIC 1x160+3x96: doctor"]["recommendation"]
+    # the mixture / RandAugment part: both views, each backend, the mixture also timed without it
+    with open(out / "loader_aug.json") as f:
+        aug = json.load(f)
+    rows = {(r["views"], r["variant"]): r for r in aug["rows"]}
+    assert len(rows) == 4 and all(r["images_per_s"] > 0 for r in rows.values())
+    assert all((r["without_mix_images_per_s"] or 0) > 0 for (v, _), r in rows.items() if v.endswith("IM"))

@@ -25,7 +25,7 @@ elif [ -n "$SMOKE" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python
 else PY=python3; fi
 # Seconds per part on the GPU host, 540 in all: the device tool's per-call limit is 600 s with
 # DALI's install included. The smoke run's toy sizes take a fraction of these.
-declare -A LIMIT=([gpu_tests]=60 [loader]=110 [step_time]=80 [end_to_end]=45 [compile]=60 [fmnist]=185)
+declare -A LIMIT=([gpu_tests]=60 [loader]=110 [loader_aug]=35 [step_time]=80 [end_to_end]=45 [compile]=60 [fmnist]=150)
 
 bundle() {
   "$PY" benchmarks/gpu/suite.py --out "$OUT" --summary > /dev/null
@@ -37,7 +37,7 @@ bundle() {
 }
 
 status=0
-for part in gpu_tests loader step_time end_to_end compile fmnist; do
+for part in gpu_tests loader loader_aug step_time end_to_end compile fmnist; do
   t0=$(date +%s)
   timeout --signal=INT --kill-after=10 "${LIMIT[$part]}" "$PY" benchmarks/gpu/suite.py $SMOKE --part "$part" --out "$OUT" \
     > "$OUT/$part.log" 2>&1
