@@ -30,7 +30,7 @@ import torch
 from fastinst.core.runtime import derive_seed
 
 from .base import LoaderBase, default_threads
-from .dali_graph import decode, eval_view, mixed_train_view, train_view
+from .dali_graph import decode, eval_view, train_views
 from .mixture import MixPlans, MixRows, partners, prune
 from .sources import DataError, Source, log
 from .randaugment import RandAugmentParams
@@ -211,20 +211,8 @@ class DaliLoader(LoaderBase):
             images = decode(jpegs, decode_device, hw_load)
             if mode == "train":  # view v reads row v of the sample's (views, N_PARAMS) parameters
                 hw = fn.cast(fn.peek_image_shape(jpegs)[0:2], dtype=types.FLOAT)  # header parse, on the CPU
-                on_gpu = decode_device == "mixed"  # factors multiply views on their device
-                ra = params[1 + mixing] if augmenting else None
-                ra_dev = ra.gpu() if augmenting and on_gpu else None
-                ra_v = [dict(ra_rows=None if ra is None else ra[v], ra_dev=None if ra_dev is None else ra_dev[v])
-                        for v in range(self.num_views)]
-                if mixing:  # the partners follow the anchors in the batch: gathered by position
-                    mix, dev = params[1], params[1].gpu() if on_gpu else None
-                    views = [mixed_train_view(images, hw, params[0][v], mix[v], crop, aug, feed.mix_rows,
-                                              layout=layout, m_dev=None if dev is None else dev[v], **ra_v[v])
-                             for v, crop in enumerate(feed.view_params.crops)]  # mixed in float32, then stored
-                    views = [fn.cast(x, dtype=out_dtype) for x in views] if self.fp16 else views
-                else:
-                    views = [train_view(images, hw, params[0][v], crop, aug, out_dtype=out_dtype, layout=layout,
-                                        **ra_v[v]) for v, crop in enumerate(feed.view_params.crops)]
+                views = train_views(images, hw, params, feed.view_params.crops, aug, feed.mix_rows, layout=layout,
+                                    out_dtype=out_dtype, on_gpu=decode_device == "mixed")
             elif mode == "decode":  # profiling: the decode stage alone (outputs stay in DALI)
                 views = [images]
             else:

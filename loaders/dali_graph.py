@@ -120,6 +120,27 @@ def _normalise(v, aug, *, out_dtype, layout, mirror, crop=None):
                                     output_layout=layout, mean=list(mean), std=list(std), **kw)
 
 
+def train_views(images, hw, inputs, crops, aug, mix_rows, *, layout: str, out_dtype, on_gpu: bool):
+    """Every training view of the batch: ``inputs`` are the feed's per-sample rows, the views'
+    parameters, then the mixing rows (aug.mix) and RandAugment's rows (aug.randaugment) where
+    they are on. Factors that multiply views are moved to the views' device (``on_gpu``);
+    positions, boxes, matrices and flags stay argument inputs on the CPU."""
+    params, rest = inputs[0], list(inputs[1:])
+    mix = rest.pop(0) if aug.mix.kind != "none" else None
+    ra = rest.pop(0) if aug.randaugment.n > 0 else None
+    mix_dev, ra_dev = (None if x is None or not on_gpu else x.gpu() for x in (mix, ra))
+    views = []
+    for v, crop in enumerate(crops):
+        kw = dict(ra_rows=None if ra is None else ra[v], ra_dev=None if ra_dev is None else ra_dev[v])
+        if mix is None:
+            views.append(train_view(images, hw, params[v], crop, aug, out_dtype=out_dtype, layout=layout, **kw))
+        else:  # mixed in float32 over the extended batch (the partners follow the anchors), then stored
+            x = mixed_train_view(images, hw, params[v], mix[v], crop, aug, mix_rows, layout=layout,
+                                 m_dev=None if mix_dev is None else mix_dev[v], **kw)
+            views.append(x if out_dtype == types.FLOAT else fn.cast(x, dtype=out_dtype))
+    return views
+
+
 def mixed_train_view(images, hw, params, m, crop, aug, rows, *, layout: str, m_dev=None, ra_rows=None, ra_dev=None):
     """A training view over a mixture's extended batch: cut only where the sample needs it (an
     anchor, or a partner mixed into this view; the others get a 1 x 1 stand-in, never read),

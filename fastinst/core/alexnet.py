@@ -19,7 +19,7 @@ the stages of per-stage probes (`stage_maps`, each block's output after its pool
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,18 @@ _SPECS = {  # (channels per block, (kernel, stride, padding) per block, pool, fc
     "small": ((64, 192, 384, 256, 256), ((3, 1, 1),) * 5, (2, 2), 1024, 4, True),
 }
 POOLED_BLOCKS = (1, 2, 5)
+
+
+def run_stages(x: Tensor, blocks: Sequence[Tuple[int, nn.Module]], stages, out: Dict[int, Tensor]) -> Dict[int, Tensor]:
+    """Run ``blocks`` ([(stage, module)] in order) on ``x`` until the last stage asked for,
+    adding each asked stage's output to ``out`` (a trunk's per-stage maps, ResNet's and AlexNet's)."""
+    for k, block in blocks:
+        if all(s < k for s in stages):
+            break
+        x = block(x)
+        if k in stages:
+            out[k] = x
+    return out
 STAGE_POOL = {1: (10, "max"), 2: (6, "max"), 3: (5, "max"), 4: (5, "max"), 5: (6, "max")}  # CMC's probe
 
 
@@ -66,14 +78,7 @@ class AlexNetTrunk(nn.Module):
 
     def stage_maps(self, x: Tensor, stages) -> Dict[int, Tensor]:
         """{k: block k's output} for the blocks in ``stages`` (1..5)."""
-        out = {}
-        for k in range(1, 6):
-            if all(s < k for s in stages):
-                break
-            x = getattr(self, f"block{k}")(x)
-            if k in stages:
-                out[k] = x
-        return out
+        return run_stages(x, [(k, getattr(self, f"block{k}")) for k in range(1, 6)], stages, {})
 
     def forward(self, x: Tensor) -> Tensor:
         for k in range(1, 6):

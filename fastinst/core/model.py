@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from .alexnet import AlexNetTrunk, alexnet_trunk
+from .alexnet import AlexNetTrunk, alexnet_trunk, run_stages
 
 __all__ = [
     "ARCHS",
@@ -220,14 +220,7 @@ class EmbeddingNet(nn.Module):
         x = b.relu(b.bn1(b.conv1(self._prepare(x))))
         if 1 in stages:
             out[1] = x
-        x = b.maxpool(x)
-        for k in range(2, 6):
-            if all(s < k for s in stages):
-                break
-            x = getattr(b, f"layer{k - 1}")(x)
-            if k in stages:
-                out[k] = x
-        return out
+        return run_stages(b.maxpool(x), [(k, getattr(b, f"layer{k - 1}")) for k in range(2, 6)], stages, out)
 
     def forward(self, x: Tensor) -> Tensor:
         feats = self.backbone(self._prepare(x))  # [B, feature_dim]
