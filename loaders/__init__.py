@@ -2,8 +2,8 @@
 
 ``build_loader(cfg, split)`` is the one entry point the engine uses; it returns an iterable of
 ``{"views": [...], "index": LongTensor, "label": LongTensor}`` with ``len()`` and
-``state_dict()/load_state_dict()``. Only the ``loaders.dali_*`` modules (the pipeline, its graph functions, RandAugment's ops) import
-``nvidia.dali``.
+``state_dict()/load_state_dict()``. Only the ``loaders.dali_*`` modules (the pipeline, its graph
+functions, RandAugment's ops) import ``nvidia.dali``.
 """
 from __future__ import annotations
 

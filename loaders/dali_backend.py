@@ -1,9 +1,9 @@
 """NVIDIA DALI backend: decode each image once, cut every view from it.
 
 The augmentation graphs are plain functions (``decode``, ``train_view``, ``eval_view``,
-loaders/dali_graph.py) that take DALI data nodes; the same functions build the GPU pipeline (``device='mixed'`` decoding,
-hardware JPEG decoder where present, all ops on the GPU) and the CPU-only one (every op on
-the CPU, ``device_id=None``). Samples enter through a parallel ``external_source`` whose
+loaders/dali_graph.py) that take DALI data nodes; the same functions build the GPU pipeline
+(``device='mixed'`` decoding, hardware JPEG decoder where present, all ops on the GPU) and the
+CPU-only one (every op on the CPU, ``device_id=None``). Samples enter through a parallel ``external_source`` whose
 callback reads the bytes chosen by our resumable sampler, so the order is ours, not DALI's.
 
 The graph draws no random numbers. The same callback supplies, per sample and view, a row of
@@ -31,9 +31,9 @@ from fastinst.core.runtime import derive_seed
 
 from .base import LoaderBase, default_threads
 from .dali_graph import decode, eval_view, train_views
-from .mixture import MixPlans, MixRows, partners, prune
-from .sources import DataError, Source, log
+from .mixture import MixPlans, MixRows, max_partners, partners, prune
 from .randaugment import RandAugmentParams
+from .sources import DataError, Source, log
 from .view_params import ViewParams, image_size, view_params
 
 try:  # DALI is optional at import time so the torch backend works without it
@@ -124,7 +124,7 @@ class BatchFeed:
         copied to every view); returns (the mixing rows, the partners' data-set indices)."""
         read = {}  # id(partner) -> (bytes, (height, width)) of the partners that read
 
-        def readable(p) -> bool:
+        def readable(p, anchor: int) -> bool:
             if id(p) not in read and p.index not in self.blocklist:
                 where = self.source.describe(p.index)
                 try:
@@ -132,12 +132,12 @@ class BatchFeed:
                     read[id(p)] = buf, image_size(buf, where)
                 except DataError as e:
                     if self.on_error == "raise":
-                        raise DataError(f"{e} (a mixture partner of {self.source.describe(int(idx[0]))}'s batch)") from None
+                        raise DataError(f"{e} (a mixture partner of {self.source.describe(anchor)})") from None
             return id(p) in read
 
         views = range(self.view_params.num_views)
-        plans = [[prune(self.mix_plans.plan(epoch, int(i), v), lambda p: not readable(p)) for v in views]
-                 for i in idx]
+        plans = [[prune(self.mix_plans.plan(epoch, a, v), lambda p, a=a: not readable(p, a)) for v in views]
+                 for a in (int(i) for i in idx)]
         found, mix = self.mix_rows.batch(plans)
         for p, v in found:
             buf, (h, w) = read[id(p)]
@@ -230,10 +230,7 @@ class DaliLoader(LoaderBase):
 
     def partners_per_view(self) -> int:
         """The most partners one view can read (the extended batch's bound), 0 without a mixture."""
-        mix = self.aug.mix
-        if self.mode != "train" or not mix.uses_partners:
-            return 0
-        return {"global": mix.g_num, "region": mix.r_num, "im": mix.g_num + mix.r_num * (1 + mix.g_num)}[mix.kind]
+        return max_partners(self.aug.mix) if self.mode == "train" else 0
 
     def _partners_of(self, batches) -> list:
         """[the data-set indices the mixture plans of ``batches``' samples read] (a bad partner

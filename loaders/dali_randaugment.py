@@ -82,7 +82,8 @@ def _sharpness(x, factor, side: int):
 
 def _warp(x, matrix, fill):
     xf = fn.cast(x, dtype=types.FLOAT)
-    kw = dict(matrix=fn.reshape(matrix, shape=[2, 3]), fill_value=0.0, interp_type=types.INTERP_LINEAR, inverse_map=True)
+    kw = dict(matrix=fn.reshape(matrix, shape=[2, 3]), fill_value=0.0, interp_type=types.INTERP_LINEAR,
+              inverse_map=True)
     covered = fn.warp_affine(xf * 0.0 + 1.0, **kw)
     return _u8(fn.warp_affine(xf, **kw) + types.Constant(np.array(fill, dtype=np.float32)) * (1.0 - covered) + 0.5)
 

@@ -150,14 +150,17 @@ class MixPlans:
         self.sizes = [c.size for c in aug.crops for _ in range(c.count)]  # view v -> its side
         self.key = derive_seed(seed, "mix")
 
-    @property
-    def active(self) -> bool:
-        return self.mix.kind != "none"
-
     def plan(self, epoch: int, index: int, view: int) -> list:
         """The passes of view ``view`` of sample ``index`` at ``epoch`` that fire, in order."""
         gen = np.random.Generator(np.random.Philox(key=self.key, counter=[0, view, index, epoch]))
         return draw_plan(gen, self.mix, self.n, self.sizes[view])
+
+
+def max_partners(mix) -> int:
+    """The most partners one view's plan can read (0 for Cutout / RandomErasing / none): every
+    global pass, every region pass, and for im each region partner's own global passes."""
+    return {"global": mix.g_num, "region": mix.r_num,
+            "im": mix.g_num + mix.r_num * (1 + mix.g_num)}.get(mix.kind, 0)
 
 
 def draw_plan(gen, mix, n: int, side: int) -> list:

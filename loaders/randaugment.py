@@ -20,8 +20,6 @@ rows in the DALI graph; tests/test_randaugment.py compares the two op by op.
 from __future__ import annotations
 
 import math
-from typing import List
-
 import numpy as np
 
 from fastinst.core.runtime import derive_seed
@@ -87,10 +85,6 @@ class RandAugmentParams:
         self.sizes = [c.size for c in aug.crops for _ in range(c.count)]
         self.key = derive_seed(seed, "randaug")
 
-    @property
-    def active(self) -> bool:
-        return self.ra.n > 0
-
     def rows(self, epoch: int, index: int, view: int) -> np.ndarray:
         ra, side = self.ra, self.sizes[view]
         gen = np.random.Generator(np.random.Philox(key=self.key, counter=[0, view, index, epoch]))
@@ -144,7 +138,3 @@ def apply_pil(img, rows: np.ndarray, fill) -> "object":
             img = F.adjust_sharpness(img, arg)
     return img
 
-
-def fired(rows: np.ndarray) -> List[str]:
-    """The names of the ops that fire (for reports and tests)."""
-    return [OPS[int(op)] for op, on, *_ in rows.tolist() if on]

@@ -144,7 +144,7 @@ def test_partner_kinds_follow_the_seed_rules(kind, pixels):
     got = check_against_seed(ops, ref, pixels)
     assert not np.allclose(got.numpy(), pixels[0])
     pastes = [op for op in ops if isinstance(op, Paste)]
-    if kind != "global":  # one region pass fired, the second: no decay, the box of lam 0.05 at (2, 9)
+    if kind != "global":  # one region pass fired, the second: no decay, the box of lam 0.6 at (2, 9)
         assert len(pastes) == 1 and pastes[0].scale == 1.0 and pastes[0].box == seed_box(SIDE, SIDE, 0.6, 2, 9)
 
 

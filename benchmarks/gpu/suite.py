@@ -195,7 +195,8 @@ def part_loader_aug(out: str, smoke: bool, data: str) -> dict:
                               [f"data.path={os.path.join(data, 'photos')}", "data.cache=full",
                                f"aug.crops={smoke_crops if smoke else crops}", f"profile.backends=[{backend}]",
                                "profile.stages=false"] + size + over + extra)
-            rep = run_profile(cfg, os.path.join(out, "loader_aug", f"{view}-{name}".replace(" ", "_").replace("/", "_")))
+            run_dir = f"{view}-{name}".replace(" ", "_").replace("/", "_")
+            rep = run_profile(cfg, os.path.join(out, "loader_aug", run_dir))
             r = rep["results"][0]
             rows.append({"views": view, "variant": name, "images_per_s": r["images_per_s"],
                          "without_mix_images_per_s": r.get("without_mix_images_per_s"), "mix": rep.get("mix")})

@@ -70,7 +70,8 @@ class MixConfig:
         check(self.g_num >= 0 and self.r_num >= 0, "aug.mix.g_num", "g_num and r_num must be >= 0 (the seed: 2)")
         check(self.mask_size >= 1, "aug.mix.mask_size", "must be >= 1 pixel (the seed: 50)")
         lo, hi = self.area_ratio_range
-        check(0.0 < lo <= hi <= 1.0, "aug.mix.area_ratio_range", f"needs 0 < lo <= hi <= 1, got {self.area_ratio_range}")
+        check(0.0 < lo <= hi <= 1.0, "aug.mix.area_ratio_range",
+              f"needs 0 < lo <= hi <= 1, got {self.area_ratio_range}")
         check(0.0 < self.min_aspect_ratio <= 1.0, "aug.mix.min_aspect_ratio", "must lie in (0, 1] (the seed: 0.3)")
         check(self.max_attempt >= 1, "aug.mix.max_attempt", "must be >= 1 (the seed: 20)")
 
