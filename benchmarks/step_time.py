@@ -81,7 +81,7 @@ def synthetic_batches(cfg, n: int, device, count: int = 4) -> List[dict]:
     dtype = torch.float16 if cfg.loader.fp16 else torch.float32
     fmt = torch.channels_last if cfg.loader.channels_last else torch.contiguous_format
     views = [torch.randn(b, 3, c.size, c.size, generator=g).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
-             for c in cfg.aug.crops for _ in range(c.count)]
+             for c in cfg.aug.view_crops]
     return [{"views": views, "index": torch.randint(n, (b,), generator=g).to(device),
              "label": torch.zeros(b, dtype=torch.long, device=device)} for _ in range(count)]
 

@@ -147,7 +147,7 @@ class MixPlans:
 
     def __init__(self, aug, seed: int, num_samples: int):
         self.mix, self.n = aug.mix, num_samples
-        self.sizes = [c.size for c in aug.crops for _ in range(c.count)]  # view v -> its side
+        self.sizes = [c.size for c in aug.view_crops]  # view v -> its side
         self.key = derive_seed(seed, "mix")
 
     def plan(self, epoch: int, index: int, view: int) -> list:

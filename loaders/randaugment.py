@@ -82,7 +82,7 @@ class RandAugmentParams:
 
     def __init__(self, aug, seed: int):
         self.ra = aug.randaugment
-        self.sizes = [c.size for c in aug.crops for _ in range(c.count)]
+        self.sizes = [c.size for c in aug.view_crops]
         self.key = derive_seed(seed, "randaug")
 
     def rows(self, epoch: int, index: int, view: int) -> np.ndarray:

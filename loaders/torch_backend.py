@@ -63,7 +63,7 @@ class MultiViewDataset(tud.Dataset):
         self.source, self.aug, self.mode, self.seed = source, aug, mode, seed
         self.channels_last, self.fp16, self.on_error, self.raw = channels_last, fp16, on_error, raw
         if mode == "train":
-            self.transforms = [view_transform(c, aug) for c in aug.crops for _ in range(c.count)]
+            self.transforms = [view_transform(c, aug) for c in aug.view_crops]
         elif mode == "decode":  # profiling: the decode stage alone
             self.transforms = []
         else:

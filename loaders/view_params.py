@@ -187,7 +187,7 @@ class ViewParams:
 
     def __init__(self, aug, seed: int):
         self.aug = aug
-        self.crops = [c for c in aug.crops for _ in range(c.count)]  # view v -> its crop group
+        self.crops = list(aug.view_crops)  # view v -> its crop group
         self.key = derive_seed(seed, "view-params")
 
     @property

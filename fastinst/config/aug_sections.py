@@ -152,3 +152,8 @@ class AugConfig:
     @property
     def num_views(self) -> int:
         return sum(c.count for c in self.crops)
+
+    @property
+    def view_crops(self) -> Tuple[CropConfig, ...]:
+        """The crop group of each view, in view order (a group of count k gives k views)."""
+        return tuple(c for c in self.crops for _ in range(c.count))
